@@ -46,8 +46,8 @@ class LlamaConfig:
       multiple of K. Defaults to H (multi-head attention).
     head_dim: width of one head. Defaults to `hidden_size // num_attention_heads`;
       `H * head_dim` may differ from D.
-    max_position_embeddings: longest sequence the model was trained on, in
-      tokens.
+    max_position_embeddings: maximum sequence length the model was trained
+      on, in tokens.
     rms_norm_eps: epsilon added to the mean square in RMSNorm.
     rope_theta: base of the rotary frequencies.
     rope_scaling: None for plain rotary embeddings, or a dict with
@@ -149,8 +149,8 @@ class LlamaConfig:
     missing = [name for name in _REQUIRED_HF_FIELDS if name not in config]
     if missing:
       raise ValueError(
-          f"config.json lacks the fields {', '.join(missing)}; a Llama config"
-          f" needs all of {', '.join(_REQUIRED_HF_FIELDS)}."
+          f"config.json is missing the fields {', '.join(missing)}. A Llama"
+          f" config needs all of {', '.join(_REQUIRED_HF_FIELDS)}."
       )
     _check_unsupported(config)
 
@@ -196,14 +196,14 @@ def _check_unsupported(config):
   activation = config.get("hidden_act", "silu")
   if activation != "silu":
     raise ValueError(
-        f"hidden_act {activation!r} is not supported; this Llama model"
+        f"hidden_act {activation!r} is not supported. This Llama model"
         " implements the SwiGLU MLP with 'silu' only."
     )
   dropout = config.get("attention_dropout", 0.0)
   if dropout:
     raise ValueError(
-        f"attention_dropout {dropout!r} is not supported; set it to 0.0 in"
-        " config.json (LoRA dropout is set on the adapters instead)."
+        f"attention_dropout {dropout!r} is not supported. Set it to 0.0 in"
+        " config.json, and use LoRA dropout on the adapters instead."
     )
 
 
@@ -237,8 +237,8 @@ def _check_rope_scaling(scaling):
   missing = [name for name in needed if scaling.get(name) is None]
   if missing:
     raise ValueError(
-        f"rope_scaling of type {rope_type!r} lacks {', '.join(missing)};"
-        f" it needs {', '.join(needed)}."
+        f"rope_scaling of type {rope_type!r} is missing {', '.join(missing)}."
+        f" It needs {', '.join(needed)}."
     )
   out = {"rope_type": rope_type}
   out.update((name, scaling[name]) for name in needed)

