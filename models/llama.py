@@ -26,8 +26,12 @@ because they run under `nn.scan`:
      "lm_head": {"kernel": [D, V]}}
 
 `lm_head` is absent when `tie_word_embeddings` is set; the logits are then
-`h @ embedding.T`. A `bias` leaf `[L, out]` sits beside the attention kernels
-when `attention_bias` is set and beside the MLP kernels when `mlp_bias` is set.
+`h @ embedding.T`. Phi-3 (`config.family.fused_projections`) has one
+`qkv_proj` `{"kernel": [L, D, (H+2K)*hd]}` in place of q, k and v (columns:
+queries, then keys, then values) and one `gate_up_proj` `[L, D, 2F]` (gate
+columns first) in place of gate and up. A `bias` leaf `[L, out]` sits beside the attention kernels
+when `attention_bias` is set (beside q, k and v only for Qwen2) and beside the
+MLP kernels when `mlp_bias` is set.
 A kernel with an adapter also has `lora: {a: [L, in, r], b: [L, r, out],
 scale: [L]}`, which `Linear` applies with `jaxlora.adapted_matmul`.
 
@@ -41,6 +45,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import jaxlora
 from jaxlora.models.config import LlamaConfig
@@ -86,18 +91,25 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-  """Root-mean-square normalization computed in float32, then cast to `dtype`."""
+  """Root-mean-square normalization computed in float32, then cast to `dtype`.
+
+  The normalized input is multiplied by `offset + scale`: Llama stores the
+  multiplier itself (offset 0, scale initialized to ones), Gemma stores its
+  difference from one (offset 1, scale initialized to zeros).
+  """
 
   eps: float
   dtype: jnp.dtype = jnp.float32
+  offset: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    init = nn.initializers.zeros if self.offset else nn.initializers.ones
+    scale = self.param("scale", init, (x.shape[-1],), jnp.float32)
     x = x.astype(jnp.float32)
     mean_square = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
     x = x * jax.lax.rsqrt(mean_square + self.eps)
-    return (x * _expand_to(scale, x.ndim)).astype(self.dtype)
+    return (x * _expand_to(self.offset + scale, x.ndim)).astype(self.dtype)
 
 
 def _expand_to(vector, ndim):
@@ -106,26 +118,31 @@ def _expand_to(vector, ndim):
 
 
 def rope_frequencies(config: LlamaConfig) -> jax.Array:
-  """Return the rotary angular frequencies `[hd / 2]`, in radians per position.
+  """Return the rotary angular frequencies `[rotary_dim / 2]`, in radians per position.
 
   Raises:
     ValueError: for a `rope_type` other than default, "linear" or "llama3".
   """
-  dim = config.head_dim
-  exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+  # The frequencies depend only on the config, so they are computed in float64
+  # with numpy and rounded once: float32 powers put the logits of SmolLM2 about
+  # 3e-5 further from a float64 reference.
+  dim = config.rotary_dim
+  exponents = np.arange(0, dim, 2, dtype=np.float64) / dim
   inv_freq = 1.0 / (config.rope_theta ** exponents)
 
   scaling = config.rope_scaling
   if scaling is None:
-    return inv_freq
-  if scaling["rope_type"] == "linear":
-    return inv_freq / scaling["factor"]
-  if scaling["rope_type"] == "llama3":
-    return _llama3_frequencies(inv_freq, scaling)
-  raise ValueError(
-      f"Unsupported rope_type {scaling['rope_type']!r}. Use default, linear"
-      " or llama3."
-  )
+    pass
+  elif scaling["rope_type"] == "linear":
+    inv_freq = inv_freq / scaling["factor"]
+  elif scaling["rope_type"] == "llama3":
+    inv_freq = _llama3_frequencies(inv_freq, scaling)
+  else:
+    raise ValueError(
+        f"Unsupported rope_type {scaling['rope_type']!r}. Use default, linear"
+        " or llama3."
+    )
+  return jnp.asarray(inv_freq, jnp.float32)
 
 
 def _llama3_frequencies(inv_freq, scaling):
@@ -145,25 +162,32 @@ def _llama3_frequencies(inv_freq, scaling):
   blend = (original / wavelength - low) / (high - low)
   blended = (1 - blend) * inv_freq / factor + blend * inv_freq
 
-  scaled = jnp.where(wavelength > original / low, inv_freq / factor, blended)
-  return jnp.where(wavelength < original / high, inv_freq, scaled)
+  scaled = np.where(wavelength > original / low, inv_freq / factor, blended)
+  return np.where(wavelength < original / high, inv_freq, scaled)
 
 
 def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Return `(cos, sin)`, each `[B, T, hd]` float32, for positions `[B, T]`."""
+  """Return `(cos, sin)`, each `[B, T, rotary_dim]` float32, for positions `[B, T]`."""
   angles = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
   angles = jnp.concatenate([angles, angles], axis=-1)
   return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotate `x` `[B, T, N, hd]` by the angles in `cos` and `sin` `[B, T, hd]`."""
+  """Rotate `x` `[B, T, N, hd]` by the angles in `cos` and `sin` `[B, T, R]`.
+
+  The first R channels of each head are rotated; the other `hd - R` channels
+  (partial rotary embeddings) pass through unchanged.
+  """
   x32 = x.astype(jnp.float32)
-  first, second = jnp.split(x32, 2, axis=-1)
+  rotary = cos.shape[-1]
+  x_rot, x_pass = x32[..., :rotary], x32[..., rotary:]
+  first, second = jnp.split(x_rot, 2, axis=-1)
   rotated = jnp.concatenate([-second, first], axis=-1)
   cos = cos[:, :, None, :]
   sin = sin[:, :, None, :]
-  return (x32 * cos + rotated * sin).astype(x.dtype)
+  out = jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
+  return out.astype(x.dtype)
 
 
 class Attention(nn.Module):
@@ -173,9 +197,9 @@ class Attention(nn.Module):
   dtype: jnp.dtype = jnp.float32
   lora_dropout: float = 0.0
 
-  def _linear(self, features, name):
+  def _linear(self, features, name, use_bias):
     return Linear(
-        features, use_bias=self.config.attention_bias, dtype=self.dtype,
+        features, use_bias=use_bias, dtype=self.dtype,
         lora_dropout=self.lora_dropout, name=name,
     )
 
@@ -187,9 +211,13 @@ class Attention(nn.Module):
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     batch, length, _ = x.shape
 
-    q = self._linear(heads * hd, "q_proj")(x, deterministic)
-    k = self._linear(kv_heads * hd, "k_proj")(x, deterministic)
-    v = self._linear(kv_heads * hd, "v_proj")(x, deterministic)
+    if config.family.fused_projections:
+      qkv = self._linear((heads + 2 * kv_heads) * hd, "qkv_proj", config.qkv_bias)(x, deterministic)
+      q, k, v = jnp.split(qkv, [heads * hd, (heads + kv_heads) * hd], axis=-1)
+    else:
+      q = self._linear(heads * hd, "q_proj", config.qkv_bias)(x, deterministic)
+      k = self._linear(kv_heads * hd, "k_proj", config.qkv_bias)(x, deterministic)
+      v = self._linear(kv_heads * hd, "v_proj", config.qkv_bias)(x, deterministic)
     q_BTHd = apply_rope(q.reshape(batch, length, heads, hd), cos, sin)
     k_BSKd = apply_rope(k.reshape(batch, length, kv_heads, hd), cos, sin)
     v_BSKd = v.reshape(batch, length, kv_heads, hd)
@@ -202,11 +230,18 @@ class Attention(nn.Module):
     out = jnp.einsum("bkgts,bskd->btkgd", weights, v_BSKd)
 
     out = out.reshape(batch, length, heads * hd)
-    return self._linear(config.hidden_size, "o_proj")(out, deterministic)
+    o_proj = self._linear(config.hidden_size, "o_proj", config.attention_bias)
+    return o_proj(out, deterministic)
+
+
+ACTIVATION_FUNCTIONS = {
+    "silu": nn.silu,
+    "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
+}
 
 
 class Mlp(nn.Module):
-  """The SwiGLU feed-forward block, `down(silu(gate(x)) * up(x))`."""
+  """The gated feed-forward block, `down(act(gate(x)) * up(x))`."""
 
   config: LlamaConfig
   dtype: jnp.dtype = jnp.float32
@@ -221,9 +256,14 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic):
     config = self.config
-    gate = self._linear(config.intermediate_size, "gate_proj")(x, deterministic)
-    up = self._linear(config.intermediate_size, "up_proj")(x, deterministic)
-    hidden_BTF = nn.silu(gate) * up
+    width = config.intermediate_size
+    if config.family.fused_projections:
+      gate_up = self._linear(2 * width, "gate_up_proj")(x, deterministic)
+      gate, up = jnp.split(gate_up, 2, axis=-1)
+    else:
+      gate = self._linear(width, "gate_proj")(x, deterministic)
+      up = self._linear(width, "up_proj")(x, deterministic)
+    hidden_BTF = ACTIVATION_FUNCTIONS[config.hidden_act](gate) * up
     return self._linear(config.hidden_size, "down_proj")(hidden_BTF, deterministic)
 
 
@@ -234,19 +274,23 @@ class DecoderLayer(nn.Module):
   dtype: jnp.dtype = jnp.float32
   lora_dropout: float = 0.0
   deterministic: bool = True
+  activation_sharding: jax.sharding.NamedSharding | None = None
 
   @nn.compact
   def __call__(self, h, cos, sin, mask):
     config = self.config
-    norm = lambda name: RMSNorm(config.rms_norm_eps, dtype=self.dtype, name=name)
+    norm = lambda name: RMSNorm(
+        config.rms_norm_eps, dtype=self.dtype, offset=config.family.norm_offset, name=name
+    )
     attention = Attention(config, self.dtype, self.lora_dropout, name="self_attn")
     mlp = Mlp(config, self.dtype, self.lora_dropout, name="mlp")
 
+    h = _constrain(h, self.activation_sharding)
     x = norm("input_layernorm")(h)
     h = h + attention(x, cos, sin, mask, self.deterministic)
     x = norm("post_attention_layernorm")(h)
     h = h + mlp(x, self.deterministic)
-    return h, None
+    return _constrain(h, self.activation_sharding), None
 
 
 class Llama(nn.Module):
@@ -260,12 +304,21 @@ class Llama(nn.Module):
       `deterministic`; needs a "dropout" rng.
     remat: recompute each layer's activations in the backward pass instead
       of storing them.
+    remat_policy: with `remat`, the name of the `jax.checkpoint_policies`
+      policy that says which intermediate values are kept, such as
+      "nothing_saveable" (keep none) or "dots_with_no_batch_dims_saveable"
+      (keep the outputs of the matrix products).
+    activation_sharding: sharding of the hidden states `[B, T, D]`, imposed
+      with `jax.lax.with_sharding_constraint` at each layer's input and
+      output; None leaves the placement to the compiler.
   """
 
   config: LlamaConfig
   dtype: jnp.dtype = jnp.float32
   lora_dropout: float = 0.0
   remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  activation_sharding: jax.sharding.NamedSharding | None = None
 
   @nn.compact
   def __call__(
@@ -290,9 +343,13 @@ class Llama(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length)[None, :], (batch, length))
     cos, sin = rope_tables(positions, rope_frequencies(config))
-    mask = _attention_mask(attention_mask, batch, length)
+    mask = _attention_mask(attention_mask, batch, length, config.sliding_window)
 
-    model = _Backbone(config, self.dtype, self.lora_dropout, self.remat, name="model")
+    policy = remat_policy(self.remat_policy) if self.remat else None
+    model = _Backbone(
+        config, self.dtype, self.lora_dropout, policy, self.activation_sharding,
+        name="model",
+    )
     h = model(input_ids, cos, sin, mask, deterministic)
 
     if config.tie_word_embeddings:
@@ -312,7 +369,8 @@ class _Backbone(nn.Module):
   config: LlamaConfig
   dtype: jnp.dtype
   lora_dropout: float
-  remat: bool
+  remat_policy: object  # a jax.checkpoint_policies function, or None for no remat
+  activation_sharding: jax.sharding.NamedSharding | None
 
   def setup(self):
     self.embed_tokens = nn.Embed(
@@ -320,23 +378,30 @@ class _Backbone(nn.Module):
         param_dtype=jnp.float32,
         embedding_init=nn.initializers.normal(INIT_STDDEV),
     )
-    self.norm = RMSNorm(self.config.rms_norm_eps, dtype=self.dtype)
+    self.norm = RMSNorm(
+        self.config.rms_norm_eps, dtype=self.dtype, offset=self.config.family.norm_offset
+    )
 
   @nn.compact
   def __call__(self, input_ids, cos, sin, mask, deterministic):
     """Return the final hidden states `[B, T, D]`."""
     layer = DecoderLayer
-    if self.remat:
-      layer = nn.remat(layer, prevent_cse=False)
+    if self.remat_policy is not None:
+      layer = nn.remat(layer, prevent_cse=False, policy=self.remat_policy)
     layers = nn.scan(
         layer,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
         length=self.config.num_hidden_layers,
-    )(self.config, self.dtype, self.lora_dropout, deterministic, name="layers")
+    )(
+        self.config, self.dtype, self.lora_dropout, deterministic,
+        self.activation_sharding, name="layers",
+    )
 
     h = self.embed_tokens(input_ids)
+    if self.config.embedding_scale is not None:
+      h = h * jnp.asarray(self.config.embedding_scale, h.dtype)
     h, _ = layers(h, cos, sin, mask)
     return self.norm(h)
 
@@ -345,9 +410,40 @@ class _Backbone(nn.Module):
     return self.embed_tokens.attend(h)
 
 
-def _attention_mask(attention_mask, batch, length):
-  """Return a boolean mask `[B, 1, 1, T, S]`, True where a query attends to a key."""
+def remat_policy(name: str):
+  """Return the `jax.checkpoint_policies` policy called `name`.
+
+  Raises:
+    ValueError: if jax has no policy of that name; the message lists them.
+  """
+  policy = getattr(jax.checkpoint_policies, name, None)
+  if not isinstance(name, str) or name.startswith("_") or not callable(policy):
+    known = sorted(
+        key for key in dir(jax.checkpoint_policies)
+        if not key.startswith("_") and key.endswith("saveable")
+    )
+    raise ValueError(
+        f"Unknown remat_policy {name!r}; use one of {', '.join(known)}."
+    )
+  return policy
+
+
+def _constrain(h, sharding):
+  if sharding is None:
+    return h
+  return jax.lax.with_sharding_constraint(h, sharding)
+
+
+def _attention_mask(attention_mask, batch, length, sliding_window=None):
+  """Return a boolean mask `[B, 1, 1, T, S]`, True where a query attends to a key.
+
+  A query at index t attends to the keys at indices s <= t, and with a
+  `sliding_window` of W only to those with t - s < W (itself and the W - 1
+  before it).
+  """
   causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+  if sliding_window is not None:
+    causal = jnp.triu(causal, k=1 - sliding_window)
   mask = jnp.broadcast_to(causal[None, None, None], (batch, 1, 1, length, length))
   if attention_mask is None:
     return mask

@@ -285,6 +285,30 @@ def test_remat_gradients_equal():
   assert np.abs(np.asarray(q_b)).max() > 0
 
 
+def test_remat_policy_gradients_equal():
+  config, _, _, trained = adapted_params()
+  ids, mask = padded_batch()
+  trainable, frozen = jaxlora.partition(trained)
+
+  def loss(trainable, **model_fields):
+    params = jaxlora.combine(trainable, frozen)
+    logits = Llama(config, **model_fields).apply({"params": params}, ids, attention_mask=mask)
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+
+  plain = jax.grad(loss)(trainable)
+  saved_dots = jax.grad(loss)(trainable, remat=True, remat_policy="dots_with_no_batch_dims_saveable")
+  for (path, a), (_, b) in zip(paths.iter_leaves(plain), paths.iter_leaves(saved_dots)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5, err_msg=paths.module_name(path))
+
+
+def test_remat_policy_unknown():
+  config, _, _, trained = adapted_params()
+  ids, _ = padded_batch()
+  model = Llama(config, remat=True, remat_policy="save_everything")
+  with pytest.raises(ValueError, match="Unknown remat_policy 'save_everything'; use one of .*nothing_saveable"):
+    model.apply({"params": trained}, ids)
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_no_implicit_rank_promotion(tied):
   config, _, _, trained = adapted_params(
