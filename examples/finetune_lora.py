@@ -20,6 +20,8 @@ import json
 import logging
 import os
 import pathlib
+import signal
+import sys
 import time
 
 import jax
@@ -39,6 +41,40 @@ def parse_args(argv=None) -> argparse.Namespace:
       description=__doc__.split("\n\n")[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
+  add_model_and_data_arguments(parser)
+  parser.add_argument("--rank", type=int, default=16, help="LoRA rank r.")
+  parser.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha; scale = alpha / rank.")
+  parser.add_argument(
+      "--targets", default="q_proj,k_proj,v_proj,o_proj",
+      help="comma-separated module names, a regular expression over the"
+      " dotted module path, or 'all-linear'.",
+  )
+  parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout probability.")
+  parser.add_argument("--steps", type=int, default=60, help="optimizer steps.")
+  parser.add_argument("--batch-size", type=int, default=8, help="sequences per step.")
+  parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence.")
+  parser.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate.")
+  parser.add_argument(
+      "--warmup-steps", type=int, default=None,
+      help="steps of linear warmup; default: a tenth of --steps, at most 6.",
+  )
+  parser.add_argument("--eval-every", type=int, default=30, help="steps between held-out evaluations.")
+  parser.add_argument(
+      "--eval-examples", type=int, default=64,
+      help="held-out examples used for the eval loss (the first N).",
+  )
+  parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per answer.")
+  parser.add_argument("--seed", type=int, default=0, help="seed of the adapters, shuffling and dropout.")
+  parser.add_argument(
+      "--output", default="outputs/finetune_lora",
+      help="folder for the data, metrics, loss plot and merged export.",
+  )
+  add_scaling_arguments(parser, frozen_dtype=True)
+  return parser.parse_args(argv)
+
+
+def add_model_and_data_arguments(parser: argparse.ArgumentParser):
+  """Add the flags that choose the model, the data and the sample questions."""
   parser.add_argument(
       "--model", default=None,
       help="Hugging Face folder or .gguf file; default: SmolLM2-135M-Instruct"
@@ -59,31 +95,49 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="a question to answer before and after training (repeatable);"
       " default: held-out questions of the default data.",
   )
-  parser.add_argument("--rank", type=int, default=16, help="LoRA rank r.")
-  parser.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha; scale = alpha / rank.")
-  parser.add_argument(
-      "--targets", default="q_proj,k_proj,v_proj,o_proj",
-      help="comma-separated module names, a regular expression over the"
-      " dotted module path, or 'all-linear'.",
+
+
+def add_scaling_arguments(parser: argparse.ArgumentParser, *, frozen_dtype: bool):
+  """Add the mesh, precision and remat flags that `train.TrainConfig` takes."""
+  group = parser.add_argument_group("devices, precision and memory")
+  group.add_argument(
+      "--mesh", default="fsdp=-1",
+      help="mesh axis sizes, such as data=2,fsdp=2,tensor=2; -1 takes the"
+      " devices the other axes leave.",
   )
-  parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout probability.")
-  parser.add_argument("--steps", type=int, default=60, help="optimizer steps.")
-  parser.add_argument("--batch-size", type=int, default=8, help="sequences per step.")
-  parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence.")
-  parser.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate.")
-  parser.add_argument("--warmup-steps", type=int, default=6, help="steps of linear warmup.")
-  parser.add_argument("--eval-every", type=int, default=20, help="steps between held-out evaluations.")
-  parser.add_argument(
-      "--eval-examples", type=int, default=96,
-      help="held-out examples used for the eval loss (the first N).",
+  group.add_argument(
+      "--compute-dtype", choices=loop.DTYPES, default="float32",
+      help="dtype of activations and products; trained weights and their"
+      " Adam state stay float32.",
   )
-  parser.add_argument("--max-new-tokens", type=int, default=40, help="tokens generated per answer.")
-  parser.add_argument("--seed", type=int, default=0, help="seed of the adapters, shuffling and dropout.")
-  parser.add_argument(
-      "--output", default="outputs/finetune_lora",
-      help="folder for the data, metrics, loss plot and merged export.",
+  if frozen_dtype:
+    group.add_argument(
+        "--frozen-dtype", choices=loop.DTYPES, default=None,
+        help="store the frozen base weights in this dtype; default: as loaded.",
+    )
+  group.add_argument(
+      "--remat", action="store_true",
+      help="recompute each layer's activations in the backward pass.",
   )
-  return parser.parse_args(argv)
+  group.add_argument(
+      "--remat-policy", default="nothing_saveable",
+      help="jax.checkpoint_policies name of what --remat keeps.",
+  )
+  return group
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """Return `{"data": 2, "fsdp": 2}` for the flag value "data=2,fsdp=2"."""
+  sizes = {}
+  for part in text.split(","):
+    name, separator, size = part.partition("=")
+    if not separator or not size.strip().lstrip("-").isdigit():
+      raise ValueError(
+          f"--mesh {text!r}: {part!r} is not axis=size; write it as"
+          " data=2,fsdp=2,tensor=2."
+      )
+    sizes[name.strip()] = int(size)
+  return sizes
 
 
 def parse_targets(text: str):
@@ -136,7 +190,7 @@ def reload_with_transformers(folder: pathlib.Path, model, params, input_ids):
   return float(np.max(np.abs(actual - expected)))
 
 
-def plot_losses(history, path: pathlib.Path):
+def plot_losses(history, loss_before: float, path: pathlib.Path, title: str = "LoRA fine-tuning"):
   import matplotlib
 
   matplotlib.use("Agg")
@@ -144,8 +198,9 @@ def plot_losses(history, path: pathlib.Path):
 
   figure, axes = pyplot.subplots(figsize=(7, 4))
   axes.plot([r["step"] for r in history], [r["loss"] for r in history], label="training loss")
-  evals = [r for r in history if "eval_loss" in r]
+  evals = [{"step": 0, "eval_loss": loss_before}] + [r for r in history if "eval_loss" in r]
   axes.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")
+  axes.set_title(title)
   axes.set_xlabel("step")
   axes.set_ylabel("cross entropy (nats per token)")
   axes.legend()
@@ -161,16 +216,55 @@ def print_answers(title, questions, replies):
     print(f"  Q: {question}\n  A: {reply.strip()}\n")
 
 
-def main(argv=None):
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-  args = parse_args(argv)
-  start = time.perf_counter()
-  output = pathlib.Path(args.output)
-  output.mkdir(parents=True, exist_ok=True)
+def build_configs(args, output: pathlib.Path):
+  """Return `(lora_config, train_config)` from the flags, before anything loads.
+
+  Raises:
+    ValueError: for a flag value that is out of range, naming the flag.
+  """
+  for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--eval-examples", args.eval_examples)):
+    if value < 1:
+      raise ValueError(f"{flag} must be at least 1, got {value}.")
+  data.check_sizes(seq_len=args.seq_len, batch_size=args.batch_size)
 
   lora_config = jaxlora.LoraConfig(
       rank=args.rank, alpha=args.alpha, targets=parse_targets(args.targets), dropout=args.dropout
   )
+  warmup_steps = args.warmup_steps
+  if warmup_steps is None:
+    warmup_steps = min(6, max(args.steps, 0) // 10)
+  train_config = loop.TrainConfig(
+      steps=args.steps,
+      learning_rate=args.learning_rate,
+      warmup_steps=warmup_steps,
+      eval_every=args.eval_every,
+      seed=args.seed,
+      metrics_path=output / "metrics.jsonl",
+      mesh=parse_mesh(args.mesh),
+      compute_dtype=args.compute_dtype,
+      frozen_dtype=args.frozen_dtype,
+      remat=args.remat,
+      remat_policy=args.remat_policy,
+  )
+  return lora_config, train_config
+
+
+def _exit_on_sigterm(signum, frame):
+  # SystemExit unwinds the stack, so the writers remove their staging files.
+  raise SystemExit(128 + signum)
+
+
+def main(argv=None):
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+  # jax reports at INFO level that it found no TPU, which reads like an error here.
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  signal.signal(signal.SIGTERM, _exit_on_sigterm)
+  args = parse_args(argv)
+  start = time.perf_counter()
+  output = pathlib.Path(args.output)
+  lora_config, train_config = build_configs(args, output)
+  output.mkdir(parents=True, exist_ok=True)
+
   pretrained = load_model(args.model)
   train_file, eval_file, questions = build_data(args, output)
   train_examples, eval_examples = data.prepare_data(
@@ -194,14 +288,6 @@ def main(argv=None):
     answers_before = answer(model, params, pretrained, questions, args.max_new_tokens)
     print_answers("Answers before training:", questions, answers_before)
 
-  train_config = loop.TrainConfig(
-      steps=args.steps,
-      learning_rate=args.learning_rate,
-      warmup_steps=args.warmup_steps,
-      eval_every=args.eval_every,
-      seed=args.seed,
-      metrics_path=output / "metrics.jsonl",
-  )
   if train_config.metrics_path.exists():
     train_config.metrics_path.unlink()
   batches = data.train_batches(train_examples, batch_size=args.batch_size, seed=args.seed)
@@ -210,7 +296,7 @@ def main(argv=None):
   if loss_after is None:
     loss_after = step.evaluate(eval_step, result.params, eval_batches)
   print(f"held-out loss: {loss_before:.4f} before, {loss_after:.4f} after training")
-  plot_losses(result.history, output / "loss.png")
+  plot_losses(result.history, loss_before, output / "loss.png")
 
   if questions:
     answers_after = answer(model, result.params, pretrained, questions, args.max_new_tokens)
@@ -249,4 +335,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  try:
+    main()
+  except ValueError as error:
+    sys.exit(f"error: {error}")

@@ -9,7 +9,10 @@ into the kernels.
 
 from jaxlora.config import ALL_LINEAR, DEFAULT_TARGETS, LoraConfig
 from jaxlora.counting import ParameterCount, count_parameters, format_trainable_parameters, print_trainable_parameters
+from jaxlora.functional import wrap_merged
+from jaxlora.linen import linen_kernel_axes, wrap
 from jaxlora.lora import adapted_matmul, apply, merge, merged_kernel
+from jaxlora.nnx import nnx_kernel_axes, nnx_model
 from jaxlora.optim import optimizer
 from jaxlora.partition import adapter_mask, combine, full_mask, is_adapter_weight, partition
 
@@ -26,11 +29,16 @@ __all__ = [
     "format_trainable_parameters",
     "full_mask",
     "is_adapter_weight",
+    "linen_kernel_axes",
     "merge",
     "merged_kernel",
+    "nnx_kernel_axes",
+    "nnx_model",
     "optimizer",
     "partition",
     "print_trainable_parameters",
+    "wrap",
+    "wrap_merged",
 ]
 
 __version__ = "0.1.0"

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora import paths
-from jaxlora.config import ALL_LINEAR, LoraConfig
+from jaxlora.config import ALL_LINEAR, LAYER_CONTAINERS, LoraConfig, layer_module_name
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ def apply(
     config: LoraConfig | None = None,
     *,
     rng: jax.Array | None = None,
+    kernel_axes: Mapping[str, tuple[int, int]] | None = None,
     **config_fields,
 ) -> dict[str, Any]:
   """Return a copy of `params` with adapters beside the targeted kernels.
@@ -52,13 +53,29 @@ def apply(
       example `apply(params, rank=16, targets="all-linear")`; keywords given
       with a config override its fields.
     rng: key for the random initialisation of A; `PRNGKey(0)` if omitted.
+    kernel_axes: `{dotted module path: (n_in, n_out)}` for kernels with more
+      than one input or output axis, laid out `[..., *in, *out]` with `n_in`
+      input and `n_out` output axes at the end. Such a kernel gets
+      `a: [..., *in, r]`, `b: [..., r, *out]`. Modules not listed are
+      `[..., in, out]`. `jaxlora.linen_kernel_axes` and
+      `jaxlora.nnx_kernel_axes` read these from a Flax model.
 
   Returns:
     A new tree; the input is not modified.
 
+  A kernel `[L, in, out]` inside a layer container (see
+  `jaxlora.config.LAYER_CONTAINERS`) takes its rank and alpha per layer from
+  the config's patterns. Its adapter is as wide as the largest of those ranks,
+  `a: [L, in, r_max]`, `b: [L, r_max, out]`; a layer of rank r < r_max has
+  zeros in its columns of A from r on and in its rows of B from r on, and they
+  stay zero in training because their gradients are zero. NOTE:
+  `jaxlora.count_parameters` counts that padding, so with per-layer ranks it
+  reports more adapter parameters than peft does.
+
   Raises:
     ValueError: if no kernel matches the targets, if a targeted kernel is
-      already adapted, or if the rank exceeds a targeted kernel's smaller side.
+      already adapted, if a rank exceeds a targeted kernel's smaller side, or
+      if a `rank_pattern` or `alpha_pattern` key selects no targeted module.
   """
   config = _resolve_config(config, config_fields)
   rng = jax.random.PRNGKey(0) if rng is None else rng
@@ -66,7 +83,7 @@ def apply(
   modules = list(paths.iter_modules(params))
   targeted = [path for path, _ in modules if config.matches(paths.module_name(path))]
   if not targeted:
-    names = sorted({path[-1] for path, _ in modules}) if modules else []
+    names = sorted({str(path[-1]) for path, _ in modules}) if modules else []
     raise ValueError(
         f"LoRA targets {_describe(config.targets)} match no linear module."
         f" The linear modules here are named: {', '.join(names) or 'none'}"
@@ -74,18 +91,49 @@ def apply(
         " Pick targets from these names."
     )
 
+  layouts = _kernel_layouts(params, modules, targeted, kernel_axes)
+  flat = {path: _flatten_kernel(_get(params, path), layouts[path]) for path in targeted}
+
+  names = [
+      name for path in targeted
+      for name in slice_names(path, flat[path]["kernel"].shape[:-2])
+  ]
+  unmatched = config.unmatched_pattern_keys(names)
+  if unmatched:
+    raise ValueError(
+        f"These pattern keys select no targeted module: {', '.join(unmatched)}."
+        f" The targeted modules are {', '.join(names)}. Fix or remove those"
+        " keys."
+    )
+
   adapters = {}
   for index, path in enumerate(targeted):
-    node = _get(params, path)
+    node = flat[path]
     adapters[path] = _init_adapter(
         node, path, config, jax.random.fold_in(rng, index)
     )
+    adapters[path] = _unflatten_adapter(
+        adapters[path], _get(params, path)["kernel"].shape, layouts[path]
+    )
 
+  ranks = sorted({config.rank_for(name) for name in names})
   logger.info(
-      "Added rank-%d adapters (scale %.4g) to %d of %d linear modules.",
-      config.rank, config.scale, len(targeted), len(modules),
+      "Added adapters of rank %s to %d of %d linear modules.",
+      "/".join(map(str, ranks)), len(targeted), len(modules),
   )
   return _rebuild(params, (), adapters)
+
+
+def slice_names(path: paths.Path, lead_shape: tuple[int, ...]) -> list[str]:
+  """Return the per-layer module names of a kernel with leading axes `lead_shape`.
+
+  A kernel `[L, in, out]` inside a layer container gets one name per layer,
+  such as `model.layers.0.self_attn.q_proj` ... `model.layers.{L-1}...`; any
+  other kernel gets its dotted path as its one name.
+  """
+  if len(lead_shape) == 1 and any(part in LAYER_CONTAINERS for part in path):
+    return [layer_module_name(path, layer) for layer in range(lead_shape[0])]
+  return [paths.module_name(path)]
 
 
 def merge(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -114,10 +162,15 @@ def merged_kernel(kernel: jax.Array, lora: Mapping[str, jax.Array]) -> jax.Array
   Shapes: kernel `[..., in, out]`, a `[..., in, r]`, b `[..., r, out]`,
   scale `[...]`.
   """
+  # A kernel [..., *in, *out] of several input or output axes has
+  # a [..., *in, r] and b [..., r, *out]; scale [...] tells how many axes lead.
+  n_lead = jnp.ndim(lora["scale"])
   a = jnp.asarray(lora["a"], jnp.float32)
   b = jnp.asarray(lora["b"], jnp.float32)
+  a = a.reshape(a.shape[:n_lead] + (-1, a.shape[-1]))
+  b = b.reshape(b.shape[: n_lead + 1] + (-1,))
   scale = jnp.asarray(lora["scale"], jnp.float32)[..., None, None]
-  delta = scale * jnp.matmul(a, b)
+  delta = (scale * jnp.matmul(a, b)).reshape(kernel.shape)
   return (jnp.asarray(kernel, jnp.float32) + delta).astype(kernel.dtype)
 
 
@@ -194,21 +247,38 @@ def _init_adapter(node, path, config, rng):
         " kernel of shape [..., in, out]."
     )
   *lead, fan_in, fan_out = kernel.shape
-  if config.rank > min(fan_in, fan_out):
-    raise ValueError(
-        f"LoRA rank {config.rank} exceeds the smaller side of the kernel of"
-        f" {name}, whose shape is [in={fan_in}, out={fan_out}]. Use a rank of"
-        f" at most {min(fan_in, fan_out)}, or leave {name} out of the targets."
-    )
+  lead = tuple(lead)
+  names = slice_names(path, lead)
+  for slice_name in names:
+    rank = config.rank_for(slice_name)
+    if rank > min(fan_in, fan_out):
+      raise ValueError(
+          f"LoRA rank {rank} exceeds the smaller side of the kernel of"
+          f" {slice_name}, whose shape is [in={fan_in}, out={fan_out}]. Use a"
+          f" rank of at most {min(fan_in, fan_out)}, or leave {name} out of"
+          " the targets."
+      )
 
-  a_shape = (*lead, fan_in, config.rank)
+  # One rank and scale per slice of the leading axes: per layer, or shared.
+  per_slice = lead if len(names) > 1 else ()
+  ranks = jnp.broadcast_to(
+      jnp.asarray([config.rank_for(n) for n in names], jnp.float32).reshape(per_slice), lead
+  )
+  scale = jnp.broadcast_to(
+      jnp.asarray([config.scale_for(n) for n in names], jnp.float32).reshape(per_slice), lead
+  )
+  width = max(config.rank_for(n) for n in names)
+  columns = jnp.arange(width).reshape((1,) * (len(lead) + 1) + (width,))
+  in_rank = columns < ranks[..., None, None]
+
+  a_shape = (*lead, fan_in, width)
   if config.init == "kaiming":
     bound = 1.0 / math.sqrt(fan_in)
     a = jax.random.uniform(rng, a_shape, jnp.float32, -bound, bound)
   else:
-    a = jax.random.normal(rng, a_shape, jnp.float32) / config.rank
-  b = jnp.zeros((*lead, config.rank, fan_out), jnp.float32)
-  scale = jnp.full(tuple(lead), config.scale, jnp.float32)
+    a = jax.random.normal(rng, a_shape, jnp.float32) / ranks[..., None, None]
+  a = jnp.where(in_rank, a, 0.0)
+  b = jnp.zeros((*lead, width, fan_out), jnp.float32)
   return {"a": a, "b": b, "scale": scale}
 
 
@@ -220,3 +290,62 @@ def _rebuild(tree, prefix, adapters):
   if prefix in adapters:
     out[LORA] = adapters[prefix]
   return out
+
+
+def _kernel_layouts(params, modules, targeted, kernel_axes):
+  """Return `{path: (n_in, n_out)}` for the targeted modules, checking `kernel_axes`."""
+  kernel_axes = dict(kernel_axes or {})
+  known = {paths.module_name(path) for path, _ in modules}
+  unknown = sorted(set(kernel_axes) - known)
+  if unknown:
+    raise ValueError(
+        f"kernel_axes names modules that have no kernel: {', '.join(unknown)}."
+        f" The modules with kernels are {', '.join(sorted(known))}."
+    )
+
+  layouts = {}
+  for path in targeted:
+    name = paths.module_name(path)
+    if name not in kernel_axes:
+      layouts[path] = (1, 1)
+      continue
+    layout = tuple(kernel_axes[name])
+    ndim = _get(params, path)["kernel"].ndim
+    if (
+        len(layout) != 2
+        or not all(isinstance(n, int) and n >= 1 for n in layout)
+        or sum(layout) > ndim
+    ):
+      raise ValueError(
+          f"kernel_axes[{name!r}] is {layout!r}, but it must be (n_in, n_out),"
+          f" two positive integers whose sum is at most the kernel's {ndim}"
+          " axes."
+      )
+    layouts[path] = layout
+  return layouts
+
+
+def _flatten_kernel(node, layout):
+  """Return `node` with its kernel `[..., *in, *out]` viewed as `[..., in, out]`."""
+  if layout == (1, 1):
+    return node
+  kernel = node["kernel"]
+  n_lead = kernel.ndim - sum(layout)
+  lead, fan_in = kernel.shape[:n_lead], kernel.shape[n_lead : n_lead + layout[0]]
+  flat = jnp.reshape(kernel, lead + (math.prod(fan_in), -1))
+  return {**node, "kernel": flat}
+
+
+def _unflatten_adapter(adapter, kernel_shape, layout):
+  """Return `adapter` of a flattened kernel with `a: [..., *in, r]`, `b: [..., r, *out]`."""
+  if layout == (1, 1):
+    return adapter
+  n_lead = len(kernel_shape) - sum(layout)
+  fan_in = kernel_shape[n_lead : n_lead + layout[0]]
+  fan_out = kernel_shape[n_lead + layout[0] :]
+  a, b = adapter["a"], adapter["b"]
+  return {
+      **adapter,
+      "a": a.reshape(a.shape[:-2] + fan_in + a.shape[-1:]),
+      "b": b.reshape(b.shape[:-1] + fan_out),
+  }

@@ -2,7 +2,7 @@
 
 Trainability is a static tree of booleans with the structure of the
 parameters (`trainable_mask`). It is computed once and used everywhere: the
-gradient is taken with respect to the trainable half only, the optimizer holds
+gradient is taken with respect to the trainable half only, the optimizer keeps
 state for it only, and an adapter checkpoint stores it only.
 
     partition(params) -> (trainable, frozen)    disjoint nested dicts

@@ -34,7 +34,8 @@ def iter_modules(tree: Mapping[str, Any], prefix: Path = ()) -> Iterator[tuple[P
 
 
 def module_name(path: Path) -> str:
-  return ".".join(path)
+  # Integer keys, such as the list indices of an NNX state, print as numbers.
+  return ".".join(str(key) for key in path)
 
 
 def map_with_path(fn: Callable[[Path, Any], Any], tree: Mapping[str, Any], prefix: Path = ()) -> dict[str, Any]:

@@ -9,8 +9,6 @@ import logging
 import os
 from typing import Any
 
-from jaxlora.models.config import LlamaConfig
-
 logger = logging.getLogger(__name__)
 
 GGUF_SUFFIX = ".gguf"
@@ -21,8 +19,9 @@ class Pretrained:
   """A loaded model and what came with it.
 
   Attributes:
-    config: the architecture.
-    params: the parameter tree (see `jaxlora.models.llama` for its layout).
+    config: the architecture, a `LlamaConfig` (Llama family) or `Gpt2Config`.
+    params: the parameter tree (see `jaxlora.models.llama` and
+      `jaxlora.models.gpt2` for the layouts).
     tokenizer: a transformers tokenizer, or None when the source has none.
     generation_config: the `generation_config.json` dict, or None.
     source_dtype: dtype of the stored weights, such as "float32" or
@@ -30,7 +29,7 @@ class Pretrained:
     path: the folder or file the model was loaded from.
   """
 
-  config: LlamaConfig
+  config: Any
   params: dict[str, Any]
   tokenizer: Any = None
   generation_config: dict[str, Any] | None = None

@@ -90,6 +90,12 @@ def test_config_invalid_fields(fields, message):
     jaxlora.LoraConfig(**fields)
 
 
+def test_config_numpy_rank():
+  config = jaxlora.LoraConfig(rank=np.int64(4))
+  assert config.rank == 4
+  assert type(config.rank) is int
+
+
 def test_config_defaults_match_peft():
   config = jaxlora.LoraConfig()
   assert config.rank == 8

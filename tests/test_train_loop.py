@@ -1,5 +1,6 @@
 """Tests of the training loop `fit`, its config and its metrics file."""
 
+import dataclasses
 import itertools
 import json
 
@@ -80,10 +81,11 @@ def test_fit_frozen_leaves_identical(base_params):
   )
 
   after = dict(paths.iter_leaves(result.params))
+  copies = dict(paths.iter_leaves(frozen_copy))
   for path, leaf in paths.iter_leaves(frozen):
     name = paths.module_name(path)
-    assert after[path] is leaf, f"{name} is not the array passed in"
-    assert np.array_equal(after[path], dict(paths.iter_leaves(frozen_copy))[path]), name
+    assert after[path].dtype == leaf.dtype, name
+    assert np.array_equal(after[path], copies[path]), name
   # The caller's adapters are still readable and unchanged: fit donated copies.
   np.testing.assert_array_equal(
       params["model"]["layers"]["self_attn"]["q_proj"]["lora"]["a"], a_before
@@ -147,16 +149,122 @@ def test_fit_counts_real_tokens(base_params):
 
 
 def test_fit_full_mode(base_params):
-  mask = jaxlora.full_mask(base_params)
-
   result = train.fit(
       Llama(CONFIG), base_params, repetitive_batches(), None,
-      quiet_config(steps=2, learning_rate=1e-2), trainable_mask=mask,
+      quiet_config(steps=2, learning_rate=1e-2, mode="full"),
   )
 
   after = dict(paths.iter_leaves(result.params))
   for path, leaf in paths.iter_leaves(base_params):
     assert not np.array_equal(after[path], leaf), f"{paths.module_name(path)} did not change"
+  moments = dict(paths.iter_leaves(result.opt_state[1][0].mu))
+  assert moments.keys() == after.keys()
+
+
+def test_fit_mask_replaces_mode(base_params):
+  params = jaxlora.apply(base_params, rank=4)
+  # Train only the final norm: the mask wins over mode="lora".
+  mask = paths.map_with_path(lambda path, _: path == ("model", "norm", "scale"), params)
+
+  result = train.fit(
+      Llama(CONFIG), params, repetitive_batches(), None,
+      quiet_config(steps=1, learning_rate=1e-2), trainable_mask=mask,
+  )
+
+  after = dict(paths.iter_leaves(result.params))
+  for path, leaf in paths.iter_leaves(params):
+    changed = not np.array_equal(after[path], leaf)
+    assert changed == (path == ("model", "norm", "scale")), paths.module_name(path)
+
+
+@pytest.fixture(scope="module")
+def lora_reference(base_params):
+  """Two float32 LoRA steps: the adapted tree, the config and the result."""
+  params = jaxlora.apply(base_params, rank=4)
+  config = quiet_config(steps=2, learning_rate=1e-2)
+  result = train.fit(Llama(CONFIG), params, repetitive_batches(), None, config)
+  return params, config, [record["loss"] for record in result.history]
+
+
+def test_fit_lora_bfloat16_base(lora_reference):
+  params, config, plain_losses = lora_reference
+
+  half = train.fit(
+      Llama(CONFIG), params, repetitive_batches(), None,
+      dataclasses.replace(config, frozen_dtype="bfloat16"),
+  )
+
+  for path, leaf in paths.iter_leaves(half.params):
+    name = paths.module_name(path)
+    if path[-2] == "lora":
+      assert leaf.dtype == jnp.float32, name
+    else:
+      assert leaf.dtype == jnp.bfloat16, name
+  for path, leaf in paths.iter_leaves(half.opt_state[1][0].mu):
+    assert jaxlora.is_adapter_weight(path), paths.module_name(path)
+    assert leaf.dtype == jnp.float32, paths.module_name(path)
+  half_losses = [record["loss"] for record in half.history]
+  np.testing.assert_allclose(half_losses, plain_losses, rtol=2e-2)
+  assert half_losses != plain_losses
+
+
+def test_fit_compute_bfloat16(lora_reference):
+  params, config, plain_losses = lora_reference
+
+  half = train.fit(
+      Llama(CONFIG), params, repetitive_batches(), None,
+      dataclasses.replace(config, compute_dtype="bfloat16"),
+  )
+
+  half_losses = [record["loss"] for record in half.history]
+  np.testing.assert_allclose(half_losses, plain_losses, rtol=2e-2)
+  assert half_losses != plain_losses
+  # Weights keep their dtype; only the products run in bfloat16.
+  assert half.params["model"]["layers"]["self_attn"]["q_proj"]["lora"]["a"].dtype == jnp.float32
+  assert half.params["model"]["layers"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.float32
+
+
+def test_fit_remat_same_losses(lora_reference):
+  params, config, plain_losses = lora_reference
+
+  remat = train.fit(
+      Llama(CONFIG), params, repetitive_batches(), None,
+      dataclasses.replace(config, remat=True, remat_policy="dots_with_no_batch_dims_saveable"),
+  )
+
+  np.testing.assert_allclose([r["loss"] for r in remat.history], plain_losses, rtol=1e-5)
+
+
+def test_fit_checkpoints(base_params, tmp_path):
+  params = jaxlora.apply(base_params, rank=4)
+  config = quiet_config(
+      steps=3, learning_rate=1e-2, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=2,
+  )
+
+  result = train.fit(Llama(CONFIG), params, repetitive_batches(), None, config)
+
+  assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_00000002", "step_00000003"]
+  trainable, _ = jaxlora.partition(result.params)
+  step, restored, state = train.checkpoint.restore(
+      tmp_path / "ckpt", trainable=trainable, opt_state=result.opt_state
+  )
+  assert step == 3
+  for (path, leaf), (_, saved) in zip(paths.iter_leaves(trainable), paths.iter_leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(saved), np.asarray(leaf), paths.module_name(path))
+  assert int(state[1][0].count) == 3
+
+
+def test_checkpoint_rejects_existing_step(base_params, tmp_path):
+  trainable = {"a": jnp.ones((2, 3))}
+  train.checkpoint.save(tmp_path, 5, trainable, {"count": jnp.zeros(())})
+  with pytest.raises(ValueError, match="step_00000005 already contains a checkpoint"):
+    train.checkpoint.save(tmp_path, 5, trainable, {"count": jnp.zeros(())})
+  with pytest.raises(ValueError, match="No checkpoint of step 4"):
+    train.checkpoint.restore(tmp_path, trainable=trainable, opt_state={"count": jnp.zeros(())}, step=4)
+  with pytest.raises(ValueError, match="contains no checkpoint"):
+    train.checkpoint.restore(tmp_path / "none", trainable=trainable, opt_state={})
+  with pytest.raises(ValueError, match="does not match the target trees"):
+    train.checkpoint.restore(tmp_path, trainable={"b": jnp.ones((2, 3))}, opt_state={"count": jnp.zeros(())})
 
 
 def test_fit_without_adapters_raises(base_params):
@@ -210,6 +318,14 @@ def test_fit_batches_run_out(base_params):
         ({"steps": 10, "max_grad_norm": 0.0}, "max_grad_norm must be a positive number"),
         ({"steps": 10, "eval_every": -2}, "eval_every must be at least 0, got -2"),
         ({"steps": 10, "b2": 1.0}, r"b2 must be in \[0, 1\), got 1.0"),
+        ({"steps": 1, "mode": "half"}, "mode must be 'lora' or 'full', got 'half'"),
+        ({"steps": 1, "compute_dtype": "float16"}, "compute_dtype must be 'float32', 'bfloat16'"),
+        ({"steps": 1, "mode": "full", "frozen_dtype": "bfloat16"}, "frozen_dtype='bfloat16' applies to"),
+        ({"steps": 1, "remat_policy": "everything"}, "Unknown remat_policy 'everything'"),
+        ({"steps": 1, "remat": 1}, "remat must be True, False or None"),
+        ({"steps": 1, "mesh": {"model": 2}}, "Unknown mesh axis 'model'"),
+        ({"steps": 1, "mesh": {"data": 0}}, "Mesh axis 'data' has size 0"),
+        ({"steps": 1, "checkpoint_every": -1}, "checkpoint_every must be at least 0"),
     ],
 )
 def test_train_config_rejects(fields, message):

@@ -237,8 +237,9 @@ def test_step_reports_metrics(lora_run):
     assert float(metrics["lr"]) == pytest.approx(expected_lr, rel=1e-6)
 
   metrics = lora_run["history"][-1]
-  assert set(metrics) == {"loss", "grad_norm", "scored_tokens", "lr"}
+  assert set(metrics) == {"loss", "grad_norm", "scored_tokens", "real_tokens", "lr"}
   assert float(metrics["scored_tokens"]) == 12.0
+  assert float(metrics["real_tokens"]) == 2 * TOKENS
   assert 0 < float(metrics["loss"]) < 10
   assert float(metrics["grad_norm"]) > 0
 

@@ -1,8 +1,14 @@
-"""The training loop: partition, step, evaluate, log, and join the tree again.
+"""The training loop: partition, place, step, evaluate, log, and join the tree again.
 
-    params (adapted) -> partition -> (trainable, frozen)
+    params -> partition by mode -> (trainable, frozen)
+      -> place both on the mesh by the sharding rules
       -> steps update trainable; frozen is only read
-      -> combine(trainable, frozen) -> params (trained)
+      -> combine(trainable, frozen) -> params (trained, still on the mesh)
+
+One trainer, two modes. In "lora" mode the adapter matrices train and the
+optimizer keeps state for them only. The frozen base may be stored in
+bfloat16 (`frozen_dtype`) while adapters and their state stay float32. In
+"full" mode every weight trains and the optimizer keeps state for all of them.
 """
 
 import contextlib
@@ -17,16 +23,31 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import tqdm
+from jax.sharding import Mesh
 from tqdm.contrib import logging as tqdm_logging
 
 import jaxlora
+from jaxlora import paths
+from jaxlora.models import llama
+from jaxlora.train import checkpoint
+from jaxlora.train import mesh as mesh_lib
 from jaxlora.train import optim
+from jaxlora.train import sharding as sharding_lib
 from jaxlora.train.metrics import MetricsWriter
-from jaxlora.train.step import Batch, evaluate, make_eval_step, make_train_step, stack_micro_batches
+from jaxlora.train.step import (
+    Batch,
+    StepShardings,
+    evaluate,
+    make_eval_step,
+    make_train_step,
+    stack_micro_batches,
+)
 
 logger = logging.getLogger(__name__)
+
+MODES = ("lora", "full")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +76,23 @@ class TrainConfig:
     b2: Adam's decay rate for the second moment.
     eps: Adam's term added to the denominator.
     progress: show a tqdm progress bar.
+    mode: "lora" trains the adapters (the tree needs adapters from
+      `jaxlora.apply`); "full" trains every weight.
+    mesh: axis sizes of the device mesh, such as `{"data": 2, "fsdp": 2,
+      "tensor": 2}` (see `train.mesh`); None puts all devices on fsdp.
+    compute_dtype: "float32" or "bfloat16", the dtype of activations and
+      products; None keeps the model's `dtype`. Weights keep their own dtype.
+    frozen_dtype: "lora" mode only: store the frozen base in this dtype
+      ("bfloat16" halves its memory); None keeps the dtype it has. Adapters
+      and their optimizer state stay float32.
+    remat: recompute each layer's activations in the backward pass
+      (`jax.checkpoint`); None keeps the model's setting.
+    remat_policy: the `jax.checkpoint_policies` name that says what remat
+      keeps, such as "nothing_saveable" or "dots_with_no_batch_dims_saveable";
+      None keeps the model's.
+    checkpoint_dir: folder for orbax checkpoints of the trainable tree, the
+      optimizer state and the step (`train.checkpoint`); None saves none.
+    checkpoint_every: save every this many steps; 0 saves only after the last.
   """
 
   steps: int
@@ -71,6 +109,14 @@ class TrainConfig:
   b2: float = 0.999
   eps: float = 1e-8
   progress: bool = True
+  mode: str = "lora"
+  mesh: Mapping[str, int] | None = None
+  compute_dtype: str | None = None
+  frozen_dtype: str | None = None
+  remat: bool | None = None
+  remat_policy: str | None = None
+  checkpoint_dir: str | os.PathLike | None = None
+  checkpoint_every: int = 0
 
   def __post_init__(self):
     _check_int("steps", self.steps, minimum=1, fix="Train for at least one step.")
@@ -108,18 +154,45 @@ class TrainConfig:
       raise ValueError(f"b2 must be in [0, 1), got {self.b2!r}. Adam's default is 0.999.")
     _check_positive("eps", self.eps, fix="Adam's default is 1e-8.")
 
+    if self.mode not in MODES:
+      raise ValueError(f"mode must be 'lora' or 'full', got {self.mode!r}.")
+    if self.mesh is not None:
+      object.__setattr__(self, "mesh", mesh_lib.check_axis_sizes(self.mesh))
+    for name in ("compute_dtype", "frozen_dtype"):
+      value = getattr(self, name)
+      if value is not None and value not in DTYPES:
+        raise ValueError(f"{name} must be 'float32', 'bfloat16' or None, got {value!r}.")
+    if self.frozen_dtype is not None and self.mode == "full":
+      raise ValueError(
+          f"frozen_dtype={self.frozen_dtype!r} applies to the frozen base of"
+          " mode='lora'; full mode trains every weight in its own dtype. Drop"
+          " frozen_dtype or use mode='lora'."
+      )
+    if self.remat is not None and not isinstance(self.remat, bool):
+      raise ValueError(f"remat must be True, False or None, got {self.remat!r}.")
+    if self.remat_policy is not None:
+      llama.remat_policy(self.remat_policy)
+    _check_int(
+        "checkpoint_every", self.checkpoint_every, minimum=0,
+        fix="Use 0 to save only after the last step.",
+    )
+
 
 class FitResult(NamedTuple):
-  """The result of `fit`: the trained tree and the per-step records.
+  """The result of `fit`: the trained tree, the per-step records and the optimizer state.
 
   Attributes:
-    params: the whole trained tree, `jaxlora.combine(trainable, frozen)`; its
-      frozen leaves are the arrays that were passed in.
+    params: the whole trained tree, `jaxlora.combine(trainable, frozen)`,
+      placed on the mesh. Its frozen leaves hold the values passed in (cast
+      to `frozen_dtype` when that is set).
     history: one dict per step, the records written to `metrics_path`.
+    opt_state: the optimizer state after the last step, built for the
+      trainable leaves only and placed like them.
   """
 
   params: dict[str, Any]
   history: list[dict[str, Any]]
+  opt_state: Any = None
 
 
 def fit(
@@ -130,50 +203,81 @@ def fit(
     config: TrainConfig,
     *,
     trainable_mask: Mapping[str, Any] | None = None,
+    mesh: Mesh | None = None,
+    rules: sharding_lib.ShardingRules | None = None,
 ) -> FitResult:
   """Train the trainable leaves of `params` for `config.steps` optimizer steps.
 
-  The trainable leaves are copied before the first step (the step donates its
-  buffers), so the caller's `params` stay valid. Frozen leaves are never
-  written: the returned tree contains the very arrays that were passed in.
+  Every check (mesh, sharding rules against the tree, first batch) runs
+  before anything is compiled. The trainable leaves are then copied onto the
+  mesh, so the caller's `params` stay valid although the step donates its
+  buffers. Frozen leaves are placed without a copy where they already sit
+  as their rule says, and are never written.
 
   Each step's record contains `step`, `loss` (token-mean cross entropy of the
   step, in nats), `grad_norm` (before clipping), `lr` (the rate the update
   used), `scored_tokens`, `tokens_per_s` and `elapsed_s` (seconds since the
   first step began), plus `eval_loss` on evaluation steps. `tokens_per_s` counts
-  every real token the step processed, scored or not (the sum of
-  `attention_mask`), over the wall time since the previous step ended, data
-  loading included and evaluation excluded. The first step's time includes
-  compilation.
+  every real token the step processed over all processes, scored or not (the
+  sum of `attention_mask`), over the wall time since the previous step ended,
+  data loading included and evaluation excluded. The first step's time
+  includes compilation.
+
+  In a multi-process run (`train.distributed.initialize`) every process calls
+  `fit` with the same tree and settings and its own rows of each batch.
 
   Args:
-    model: the Flax module, such as `jaxlora.models.Llama(config)`.
+    model: the Flax module, such as `jaxlora.models.Llama(config)`. The
+      config's `compute_dtype`, `remat` and `remat_policy` replace its fields
+      of those names when set, and a model with an `activation_sharding`
+      field gets the mesh's hidden-state sharding.
     params: the tree to train, for LoRA with adapters added by `jaxlora.apply`.
-    train_batches: an iterable of `[B, T]` batches (dicts with `input_ids`,
-      `targets`, `loss_mask`, `attention_mask`) that yields at least
-      `config.steps * config.grad_accum_steps` batches.
-    eval_batches: held-out `[B, T]` batches, or None (or empty) for no
-      evaluation.
+    train_batches: an iterable of this process's `[b, T]` batches (dicts with
+      `input_ids`, `targets`, `loss_mask`, `attention_mask`) that yields at
+      least `config.steps * config.grad_accum_steps` batches. On one process
+      b is the batch size B; on several, the process's block of rows (see
+      `train.distributed.process_train_batches`).
+    eval_batches: this process's held-out `[b, T]` batches, as many on every
+      process, or None (or empty) for no evaluation.
     config: the run's settings.
-    trainable_mask: True where a leaf trains. Defaults to the adapters;
-      pass `jaxlora.full_mask(params)` for full fine-tuning.
+    trainable_mask: True where a leaf trains; replaces the mask of
+      `config.mode` (the adapters for "lora", `jaxlora.full_mask` for "full").
+    mesh: the device mesh; by default built from `config.mesh` over all
+      devices. Passing both raises.
+    rules: the sharding rules of `params`; by default `llama_rules` for a
+      `jaxlora.models.Llama` and replication for any other model.
 
   Returns:
-    `FitResult(params, history)`.
+    `FitResult(params, history, opt_state)`, placed on the mesh; use
+    `train.distributed.fetch` to bring them to the host of every process.
 
   Raises:
-    ValueError: if `train_batches` runs out before the last step, or a batch
-      is malformed, or (from `jaxlora.partition`) the tree has no adapters and
-      no mask was given.
+    ValueError: for any of these, before the first step unless noted:
+      a mesh that does not fit the devices; a sharding rule that does not
+      fit the tree or the mesh; a first batch whose rows the mesh cannot
+      split; a tree without adapters in "lora" mode; `train_batches` that
+      run out before the last step (at that step); a malformed batch.
     FloatingPointError: if the loss or the gradient norm of a step is NaN or
       infinite, naming the step.
   """
-  trainable, frozen = jaxlora.partition(params, trainable_mask=trainable_mask)
-  trainable = jax.tree.map(jnp.copy, trainable)
-  if trainable_mask is None:
-    trainable_mask = jaxlora.adapter_mask(params)
+  mesh = _resolve_mesh(mesh, config)
+  model = _configure_model(model, config, mesh)
+  trainable_mask = _trainable_mask(params, config, trainable_mask)
+  rules = _default_rules(model) if rules is None else rules
+  shardings = rules.shardings(params, mesh)
   count = jaxlora.count_parameters(params, trainable_mask=trainable_mask)
   logger.info("%s", jaxlora.format_trainable_parameters(count))
+
+  trainable, frozen = jaxlora.partition(params, trainable_mask=trainable_mask)
+  trainable_shardings, frozen_shardings = jaxlora.partition(
+      shardings, trainable_mask=trainable_mask
+  )
+  if config.frozen_dtype is not None:
+    frozen = _cast_base(frozen, config.frozen_dtype)
+
+  batches = iter(train_batches)
+  first_batch = _next_step_batch(batches, 1, config)
+  mesh_lib.check_batch_rows(mesh, first_batch["input_ids"].shape[1], name="first training batch")
 
   schedule = optim.learning_rate_schedule(
       config.learning_rate,
@@ -187,21 +291,29 @@ def fit(
       max_grad_norm=config.max_grad_norm,
       b1=config.b1, b2=config.b2, eps=config.eps,
   )
-  opt_state = tx.init(trainable)
-  train_step = make_train_step(
-      model, tx, grad_accum_steps=config.grad_accum_steps, schedule=schedule
+  trainable = sharding_lib.place(trainable, trainable_shardings)
+  # The step only reads the frozen leaves, so they need no copy of their own.
+  frozen = sharding_lib.place(frozen, frozen_shardings, copy=False)
+  step_shardings = StepShardings(
+      mesh=mesh,
+      trainable=trainable_shardings,
+      frozen=frozen_shardings,
+      opt_state=sharding_lib.optimizer_shardings(tx, trainable, trainable_shardings, mesh),
   )
-  eval_step = make_eval_step(model)
+  opt_state = jax.jit(tx.init, out_shardings=step_shardings.opt_state)(trainable)
+  train_step = make_train_step(
+      model, tx, grad_accum_steps=config.grad_accum_steps, schedule=schedule,
+      shardings=step_shardings,
+  )
+  eval_step = make_eval_step(model, shardings=step_shardings)
   eval_batches = list(eval_batches or [])
   base_rng = jax.random.PRNGKey(config.seed)
-  batches = iter(train_batches)
 
   history = []
   with MetricsWriter(config.metrics_path) as writer, _progress_bar(config) as bar:
     start = last = time.perf_counter()
     for step in range(1, config.steps + 1):
-      batch = _next_step_batch(batches, step, config)
-      real_tokens = int(np.sum(batch["attention_mask"]))
+      batch = first_batch if step == 1 else _next_step_batch(batches, step, config)
 
       if step == 1:
         logger.info("Compiling the training step.")
@@ -217,7 +329,8 @@ def fit(
             "Compiled and ran the first step in %.1f s; training for %d steps.",
             now - last, config.steps,
         )
-      record = _step_record(step, metrics, real_tokens / max(now - last, 1e-9), now - start)
+      tokens_per_s = metrics["real_tokens"] / max(now - last, 1e-9)
+      record = _step_record(step, metrics, tokens_per_s, now - start)
 
       if _is_eval_step(step, config, eval_batches):
         logger.info("Evaluating held-out loss on %d batches at step %d.", len(eval_batches), step)
@@ -225,6 +338,8 @@ def fit(
             eval_step, jaxlora.combine(trainable, frozen), eval_batches
         )
         logger.info("Step %d: eval loss %.4f.", step, record["eval_loss"])
+      if _is_checkpoint_step(step, config):
+        checkpoint.save(config.checkpoint_dir, step, trainable, opt_state)
       last = time.perf_counter()
 
       writer.write(record)
@@ -241,7 +356,90 @@ def fit(
       "Trained %d steps in %.1f s; final loss %.4f.",
       config.steps, history[-1]["elapsed_s"], history[-1]["loss"],
   )
-  return FitResult(jaxlora.combine(trainable, frozen), history)
+  return FitResult(jaxlora.combine(trainable, frozen), history, opt_state)
+
+
+def _resolve_mesh(mesh, config):
+  if mesh is not None and config.mesh is not None:
+    raise ValueError(
+        f"Both a mesh ({dict(mesh.shape)}) and config.mesh ({config.mesh}) are"
+        " given; pass one of them."
+    )
+  if mesh is not None:
+    missing = [name for name in mesh_lib.AXES if name not in mesh.shape]
+    if missing:
+      raise ValueError(
+          f"The mesh has axes {tuple(mesh.axis_names)} but lacks"
+          f" {', '.join(missing)}; build it with train.make_mesh."
+      )
+    return mesh
+  return mesh_lib.make_mesh(config.mesh)
+
+
+def _configure_model(model, config, mesh):
+  """Return `model` with the config's dtype and remat settings and the mesh's activation sharding."""
+  fields = {field.name for field in dataclasses.fields(model)}
+  changes = {}
+  for name, value in (
+      ("dtype", None if config.compute_dtype is None else jnp.dtype(config.compute_dtype)),
+      ("remat", config.remat),
+      ("remat_policy", config.remat_policy),
+  ):
+    if value is None:
+      continue
+    if name not in fields:
+      raise ValueError(
+          f"The config sets {name} but {type(model).__name__} has no {name!r}"
+          f" field; leave it None for this model."
+      )
+    changes[name] = value
+  if "activation_sharding" in fields:
+    changes["activation_sharding"] = mesh_lib.activation_sharding(mesh)
+  return model.clone(**changes) if changes else model
+
+
+def _trainable_mask(params, config, trainable_mask):
+  if trainable_mask is not None:
+    return trainable_mask
+  if config.mode == "full":
+    return jaxlora.full_mask(params)
+  mask = jaxlora.adapter_mask(params)
+  if not any(flag for _, flag in paths.iter_leaves(mask)):
+    raise ValueError(
+        "mode='lora' but the parameter tree has no LoRA adapters, so nothing"
+        " would train. Call jaxlora.apply(params, ...) first, or set"
+        " mode='full' to train every weight."
+    )
+  return mask
+
+
+def _default_rules(model):
+  if isinstance(model, llama.Llama):
+    return sharding_lib.llama_rules(model.config)
+  logger.info(
+      "No sharding rules for %s; every leaf is replicated. Pass rules= to"
+      " shard its parameters.", type(model).__name__,
+  )
+  return sharding_lib.REPLICATED
+
+
+def _cast_base(frozen, dtype):
+  """Cast the frozen floating-point weights to `dtype`; adapter scales stay float32."""
+
+  def cast(path, leaf):
+    if path[-2:] == ("lora", "scale") or not jnp.issubdtype(leaf.dtype, jnp.floating):
+      return leaf
+    return jnp.asarray(leaf, dtype)
+
+  return paths.map_with_path(cast, frozen)
+
+
+def _is_checkpoint_step(step, config):
+  if config.checkpoint_dir is None:
+    return False
+  if step == config.steps:
+    return True
+  return config.checkpoint_every > 0 and step % config.checkpoint_every == 0
 
 
 def _step_record(step, metrics, tokens_per_s, elapsed_s):

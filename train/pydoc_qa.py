@@ -328,6 +328,7 @@ def write_jsonl(path: str | os.PathLike, examples: Iterable[dict[str, Any]]) -> 
       for example in examples:
         partial.write(json.dumps(example, ensure_ascii=False) + "\n")
         count += 1
+    os.chmod(partial_path, 0o644)  # mkstemp creates files readable by the owner only
     os.replace(partial_path, path)
   finally:
     if os.path.exists(partial_path):

@@ -17,8 +17,14 @@ The loss is the token mean of the cross entropy over the whole step, the sum
 of the masked losses over all A micro-batches divided by the number of scored
 tokens in all of them. A step with A micro-batches of B rows therefore takes
 the same gradient as one step with a single batch of A * B rows.
+
+With `StepShardings`, the step is compiled for a mesh: `jax.jit` places the
+trainable and frozen trees, the optimizer state and the batch with its
+`in_shardings` and `out_shardings`, and the host batches each process passes
+in are assembled into global arrays whose rows are split over data and fsdp.
 """
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -26,14 +32,39 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 import jaxlora
+from jaxlora.train import mesh as mesh_lib
 from jaxlora.train import optim
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "attention_mask")
 
 Batch = Mapping[str, Any]
 Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+  """Where the training step's trees live on a mesh.
+
+  Attributes:
+    mesh: the device mesh.
+    trainable: a `NamedSharding` per trainable leaf.
+    frozen: a `NamedSharding` per frozen leaf.
+    opt_state: a `NamedSharding` per leaf of the optimizer state, from
+      `train.sharding.optimizer_shardings`.
+  """
+
+  mesh: Mesh
+  trainable: Any
+  frozen: Any
+  opt_state: Any
+
+  @property
+  def params(self) -> dict[str, Any]:
+    """The shardings of the whole tree, `combine(trainable, frozen)`."""
+    return jaxlora.combine(self.trainable, self.frozen)
 
 
 def token_cross_entropy(
@@ -69,6 +100,7 @@ def make_train_step(
     *,
     grad_accum_steps: int = 1,
     schedule: optax.Schedule | None = None,
+    shardings: StepShardings | None = None,
 ) -> Callable[..., tuple[dict[str, Any], Any, Metrics]]:
   """Build the jitted training step.
 
@@ -93,12 +125,18 @@ def make_train_step(
       the batch's leading axis.
     schedule: the learning rate schedule inside `tx`. When given, the metrics
       report the rate this step's update used.
+    shardings: compile the step for this placement. The trees and the state
+      must already be placed there (`train.sharding.place`); the batch is
+      each process's rows as host arrays and `rng` a host key, both turned
+      into global arrays by the step. None compiles for the arrays' own
+      devices.
 
   Returns:
     `step(trainable, frozen, opt_state, batch, rng) -> (trainable, opt_state,
     metrics)`, where `rng` seeds dropout and metrics contains float32 scalars:
     `loss` (token-mean cross entropy in nats), `grad_norm` (global L2 norm of
-    the gradient before clipping), `scored_tokens` and, with a schedule, `lr`.
+    the gradient before clipping), `scored_tokens`, `real_tokens` (the sum of
+    `attention_mask` over the whole batch) and, with a schedule, `lr`.
 
   Raises:
     ValueError: if `grad_accum_steps` is below 1, or (when the step is first
@@ -165,6 +203,7 @@ def make_train_step(
         "loss": loss_sum / denominator,
         "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
         "scored_tokens": count,
+        "real_tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32),
     }
     if schedule is not None:
       metrics["lr"] = jnp.asarray(
@@ -175,15 +214,41 @@ def make_train_step(
     trainable = optax.apply_updates(trainable, updates)
     return trainable, opt_state, metrics
 
-  return jax.jit(step, donate_argnums=(0, 2))
+  if shardings is None:
+    return jax.jit(step, donate_argnums=(0, 2))
+
+  replicated = mesh_lib.replicated(shardings.mesh)
+  batch_sharding = mesh_lib.batch_sharding(shardings.mesh, ndim=3)
+  jitted = jax.jit(
+      step,
+      in_shardings=(
+          shardings.trainable, shardings.frozen, shardings.opt_state,
+          batch_sharding, replicated,
+      ),
+      out_shardings=(shardings.trainable, shardings.opt_state, replicated),
+      donate_argnums=(0, 2),
+  )
+
+  def sharded_step(trainable, frozen, opt_state, batch, rng):
+    batch = mesh_lib.global_batch(batch_sharding, _check_batch(batch, grad_accum_steps))
+    rng = mesh_lib.replicate(shardings.mesh, rng)
+    return jitted(trainable, frozen, opt_state, batch, rng)
+
+  return sharded_step
 
 
-def make_eval_step(model) -> Callable[[Mapping[str, Any], Batch], tuple[jax.Array, jax.Array]]:
+def make_eval_step(
+    model,
+    *,
+    shardings: StepShardings | None = None,
+) -> Callable[[Mapping[str, Any], Batch], tuple[jax.Array, jax.Array]]:
   """Build the jitted evaluation step `(params, batch) -> (loss_sum, token_count)`.
 
   `params` is the whole tree (`jaxlora.combine(trainable, frozen)`) and the
   batch arrays are `[B, T]`, with the keys of a training batch. The model runs
-  deterministically (no dropout).
+  deterministically (no dropout). With `shardings`, `params` must be placed
+  as `shardings.params` says and each process passes its own rows of the
+  batch, as for the training step.
   """
 
   def eval_step(params, batch):
@@ -196,7 +261,21 @@ def make_eval_step(model) -> Callable[[Mapping[str, Any], Batch], tuple[jax.Arra
     )
     return token_cross_entropy(logits, batch["targets"], batch["loss_mask"])
 
-  return jax.jit(eval_step)
+  if shardings is None:
+    return jax.jit(eval_step)
+
+  replicated = mesh_lib.replicated(shardings.mesh)
+  batch_sharding = mesh_lib.batch_sharding(shardings.mesh, ndim=2)
+  jitted = jax.jit(
+      eval_step,
+      in_shardings=(shardings.params, batch_sharding),
+      out_shardings=replicated,
+  )
+
+  def sharded_eval_step(params, batch):
+    return jitted(params, mesh_lib.global_batch(batch_sharding, _check_batch(batch, None)))
+
+  return sharded_eval_step
 
 
 def evaluate(
