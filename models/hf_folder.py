@@ -117,15 +117,26 @@ def load_folder(folder: str, *, dtype=None) -> Pretrained:
 
 
 def read_json(path):
-  """Return the parsed JSON file at `path`; invalid JSON raises `ValueError`."""
+  """Return the JSON object in the file at `path`.
+
+  Raises:
+    ValueError: if the file is not UTF-8 JSON, or holds something other than
+      an object.
+  """
   try:
     with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except json.JSONDecodeError as error:
+      value = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
     raise ValueError(
-        f"{path} is not valid JSON ({error}). Restore the file from the"
+        f"{path} is not valid UTF-8 JSON ({error}). Restore the file from the"
         " model's source."
     ) from None
+  if not isinstance(value, dict):
+    raise ValueError(
+        f"{path} holds a JSON {type(value).__name__}, but a JSON object is"
+        " expected. Restore the file from the model's source."
+    )
+  return value
 
 
 class _StoredTensors:

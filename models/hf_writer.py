@@ -304,6 +304,11 @@ def write_json(path, value, *, sort_keys=True):
 
 def move_into_place(staging, folder):
   """Rename `staging` to `folder`, replacing an existing `folder`."""
+  # safetensors writes its files readable by the owner only; a model folder is
+  # shared like the other files in it.
+  for name in os.listdir(staging):
+    if name.endswith(".safetensors"):
+      os.chmod(os.path.join(staging, name), 0o644)
   if not os.path.lexists(folder):
     os.rename(staging, folder)
     return

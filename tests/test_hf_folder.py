@@ -346,6 +346,31 @@ def test_load_two_gguf_files(tmp_path):
     load(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\xff\xfe not utf-8", "config.json is not valid UTF-8 JSON"),
+        (b"[1, 2]", "config.json holds a JSON list, but a JSON object is expected"),
+    ],
+)
+def test_load_bad_config_json(hf_llama_folder, content, message):
+  folder, _ = hf_llama_folder()
+  (folder / "config.json").write_bytes(content)
+
+  with pytest.raises(ValueError, match=message):
+    load(folder)
+
+
+def test_saved_weights_readable_by_all(hf_llama_folder, tmp_path):
+  folder, _ = hf_llama_folder()
+  loaded = load(folder)
+  out = tmp_path / "saved"
+
+  save_pretrained(out, loaded.config, loaded.params)
+
+  assert os.stat(out / "model.safetensors").st_mode & 0o777 == 0o644
+
+
 def test_load_truncated_weights(hf_llama_folder):
   folder, _ = hf_llama_folder()
   path = folder / "model.safetensors"
