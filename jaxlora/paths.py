@@ -24,7 +24,7 @@ def iter_leaves(tree: Mapping[str, Any], prefix: Path = ()) -> Iterator[tuple[Pa
 
 
 def iter_modules(tree: Mapping[str, Any], prefix: Path = ()) -> Iterator[tuple[Path, Mapping[str, Any]]]:
-  """Yield `(path, node)` for every dict in the tree that holds a `kernel` leaf."""
+  """Yield `(path, node)` for every dict in the tree that contains a `kernel` leaf."""
   if "kernel" in tree and not isinstance(tree["kernel"], Mapping):
     yield prefix, tree
   for key in sorted(tree):

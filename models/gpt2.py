@@ -36,7 +36,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlora.models.llama import INIT_STDDEV, Linear, _attention_mask, _check_inputs, _constrain, remat_policy
+from jaxlora.models.llama import (
+    INIT_STDDEV, Linear, _attention_mask, _check_inputs, _constrain, output_logits, remat_policy,
+)
 
 # transformers' names of the MLP activation -> function. "gelu_new" and
 # "gelu_pytorch_tanh" are both the tanh approximation of gelu.
@@ -345,16 +347,7 @@ class Gpt2(nn.Module):
         name="transformer",
     )
     h = transformer(input_ids, positions, mask, deterministic)
-
-    if config.tie_word_embeddings:
-      logits = transformer.attend(h)
-    else:
-      head = Linear(
-          config.vocab_size, dtype=self.dtype, lora_dropout=self.lora_dropout,
-          name="lm_head",
-      )
-      logits = head(h, deterministic)
-    return logits.astype(jnp.float32)
+    return output_logits(self, transformer, h, deterministic)
 
 
 class _Transformer(nn.Module):

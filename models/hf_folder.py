@@ -120,8 +120,8 @@ def read_json(path):
   """Return the JSON object in the file at `path`.
 
   Raises:
-    ValueError: if the file is not UTF-8 JSON, or holds something other than
-      an object.
+    ValueError: if the file is not UTF-8 JSON, or contains something other
+      than an object.
   """
   try:
     with open(path, encoding="utf-8") as f:
@@ -133,7 +133,7 @@ def read_json(path):
     ) from None
   if not isinstance(value, dict):
     raise ValueError(
-        f"{path} holds a JSON {type(value).__name__}, but a JSON object is"
+        f"{path} contains a JSON {type(value).__name__}, but a JSON object is"
         " expected. Restore the file from the model's source."
     )
   return value

@@ -351,16 +351,26 @@ class Llama(nn.Module):
         name="model",
     )
     h = model(input_ids, cos, sin, mask, deterministic)
+    return output_logits(self, model, h, deterministic)
 
-    if config.tie_word_embeddings:
-      logits = model.attend(h)
-    else:
-      head = Linear(
-          config.vocab_size, dtype=self.dtype, lora_dropout=self.lora_dropout,
-          name="lm_head",
-      )
-      logits = head(h, deterministic)
-    return logits.astype(jnp.float32)
+
+def output_logits(parent: nn.Module, backbone: nn.Module, h: jax.Array, deterministic: bool) -> jax.Array:
+  """Return the float32 logits `[B, T, V]` of the final hidden states `h` `[B, T, D]`.
+
+  Called from `parent`'s compact `__call__`: a tied head multiplies by the
+  embedding through `backbone.attend`; an untied one is the `lm_head` layer
+  of `parent`, which may carry an adapter.
+  """
+  config = parent.config
+  if config.tie_word_embeddings:
+    logits = backbone.attend(h)
+  else:
+    head = Linear(
+        config.vocab_size, dtype=parent.dtype, lora_dropout=parent.lora_dropout,
+        name="lm_head", parent=parent,
+    )
+    logits = head(h, deterministic)
+  return logits.astype(jnp.float32)
 
 
 class _Backbone(nn.Module):

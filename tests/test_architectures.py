@@ -27,25 +27,12 @@ from jaxlora.models import (
     load_peft_adapter, save_merged, save_peft_adapter,
 )
 
+from conftest import TINY_LLAMA
+
 LOGITS_ATOL = 1e-4
 PAD = 4  # left padding of the second row in `padded_batch`
 
-_LLAMA_SIZES = {
-    "vocab_size": 97,
-    "hidden_size": 48,
-    "intermediate_size": 80,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 6,
-    "num_key_value_heads": 2,
-    "head_dim": 12,
-    "max_position_embeddings": 64,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 500.0,
-    "tie_word_embeddings": False,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "pad_token_id": None,
-}
+_LLAMA_SIZES = {**TINY_LLAMA, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}
 
 # name -> (transformers config class, its fields, our LoRA targets by the
 # architecture's own module names, peft's rank_pattern for the import test,

@@ -350,7 +350,7 @@ def test_load_two_gguf_files(tmp_path):
     "content, message",
     [
         (b"\xff\xfe not utf-8", "config.json is not valid UTF-8 JSON"),
-        (b"[1, 2]", "config.json holds a JSON list, but a JSON object is expected"),
+        (b"[1, 2]", "config.json contains a JSON list, but a JSON object is expected"),
     ],
 )
 def test_load_bad_config_json(hf_llama_folder, content, message):
