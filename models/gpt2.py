@@ -323,6 +323,7 @@ class Gpt2(nn.Module):
       positions: jax.Array | None = None,
       attention_mask: jax.Array | None = None,
       deterministic: bool = True,
+      segment_ids: jax.Array | None = None,
   ) -> jax.Array:
     """Return the logits `[B, T, V]` float32 of token ids `[B, T]`.
 
@@ -333,13 +334,16 @@ class Gpt2(nn.Module):
       attention_mask: `[B, T]`, 1 for real tokens and 0 for padding; None
         means every token is real.
       deterministic: False enables adapter dropout.
+      segment_ids: `[B, T]` int, the example each token belongs to in a packed
+        row; a token attends only to its own segment. None means one segment
+        per row.
     """
-    _check_inputs(input_ids, positions, attention_mask)
+    _check_inputs(input_ids, positions, attention_mask, segment_ids)
     config = self.config
     batch, length = input_ids.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length)[None, :], (batch, length))
-    mask = _attention_mask(attention_mask, batch, length)
+    mask = _attention_mask(attention_mask, batch, length, segment_ids=segment_ids)
 
     policy = remat_policy(self.remat_policy) if self.remat else None
     transformer = _Transformer(

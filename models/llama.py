@@ -327,23 +327,30 @@ class Llama(nn.Module):
       positions: jax.Array | None = None,
       attention_mask: jax.Array | None = None,
       deterministic: bool = True,
+      segment_ids: jax.Array | None = None,
   ) -> jax.Array:
     """Return the logits `[B, T, V]` float32 of token ids `[B, T]`.
 
     Args:
       input_ids: token ids `[B, T]`.
-      positions: position of each token `[B, T]`; defaults to `0..T-1`.
+      positions: position of each token `[B, T]`; defaults to `0..T-1`. A
+        packed row restarts them at 0 for each example.
       attention_mask: `[B, T]`, 1 for real tokens and 0 for padding, which no
         token attends to; None means every token is real.
       deterministic: False enables adapter dropout.
+      segment_ids: `[B, T]` int, the example each token belongs to in a packed
+        row; a token attends only to tokens of its own segment. None means one
+        segment per row.
     """
-    _check_inputs(input_ids, positions, attention_mask)
+    _check_inputs(input_ids, positions, attention_mask, segment_ids)
     config = self.config
     batch, length = input_ids.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length)[None, :], (batch, length))
     cos, sin = rope_tables(positions, rope_frequencies(config))
-    mask = _attention_mask(attention_mask, batch, length, config.sliding_window)
+    mask = _attention_mask(
+        attention_mask, batch, length, config.sliding_window, segment_ids
+    )
 
     policy = remat_policy(self.remat_policy) if self.remat else None
     model = _Backbone(
@@ -444,30 +451,37 @@ def _constrain(h, sharding):
   return jax.lax.with_sharding_constraint(h, sharding)
 
 
-def _attention_mask(attention_mask, batch, length, sliding_window=None):
+def _attention_mask(attention_mask, batch, length, sliding_window=None, segment_ids=None):
   """Return a boolean mask `[B, 1, 1, T, S]`, True where a query attends to a key.
 
   A query at index t attends to the keys at indices s <= t, and with a
   `sliding_window` of W only to those with t - s < W (itself and the W - 1
-  before it).
+  before it). With `segment_ids` `[B, T]`, only to keys of its own segment.
   """
   causal = jnp.tril(jnp.ones((length, length), dtype=bool))
   if sliding_window is not None:
     causal = jnp.triu(causal, k=1 - sliding_window)
   mask = jnp.broadcast_to(causal[None, None, None], (batch, 1, 1, length, length))
+  if segment_ids is not None:
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    mask = jnp.logical_and(mask, same_segment[:, None, None])
   if attention_mask is None:
     return mask
   keys = attention_mask.astype(bool)[:, None, None, None, :]
   return jnp.logical_and(mask, keys)
 
 
-def _check_inputs(input_ids, positions, attention_mask):
+def _check_inputs(input_ids, positions, attention_mask, segment_ids=None):
   if input_ids.ndim != 2:
     raise ValueError(
         f"input_ids has shape {tuple(input_ids.shape)}; expected [batch,"
         " tokens]. Add a batch axis to a single sequence with ids[None]."
     )
-  for name, value in (("positions", positions), ("attention_mask", attention_mask)):
+  for name, value in (
+      ("positions", positions),
+      ("attention_mask", attention_mask),
+      ("segment_ids", segment_ids),
+  ):
     if value is not None and value.shape != input_ids.shape:
       raise ValueError(
           f"{name} has shape {tuple(value.shape)}, but input_ids has shape"

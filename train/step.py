@@ -13,6 +13,11 @@ gradient accumulation step:
     loss_mask       [A, B, T] float32  1 where targets[..., t] is scored
     attention_mask  [A, B, T] int32    1 for real tokens, 0 for padding
 
+and, for rows that pack several examples, optionally
+
+    positions       [A, B, T] int32    position of each token within its example
+    segment_ids     [A, B, T] int32    the example each token belongs to
+
 The loss is the token mean of the cross entropy over the whole step, the sum
 of the masked losses over all A micro-batches divided by the number of scored
 tokens in all of them. A step with A micro-batches of B rows therefore takes
@@ -39,6 +44,7 @@ from jaxlora.train import mesh as mesh_lib
 from jaxlora.train import optim
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "attention_mask")
+PACKING_KEYS = ("positions", "segment_ids")
 
 Batch = Mapping[str, Any]
 Metrics = dict[str, jax.Array]
@@ -156,6 +162,7 @@ def make_train_step(
         attention_mask=micro_batch["attention_mask"],
         deterministic=not use_dropout,
         rngs={"dropout": rng} if use_dropout else None,
+        **_packing_inputs(micro_batch),
     )
     return token_cross_entropy(
         logits, micro_batch["targets"], micro_batch["loss_mask"]
@@ -258,6 +265,7 @@ def make_eval_step(
         batch["input_ids"],
         attention_mask=batch["attention_mask"],
         deterministic=True,
+        **_packing_inputs(batch),
     )
     return token_cross_entropy(logits, batch["targets"], batch["loss_mask"])
 
@@ -316,11 +324,12 @@ def _check_batch(batch, grad_accum_steps):
         f" A batch needs the keys {', '.join(BATCH_KEYS)}."
     )
 
-  shapes = {key: tuple(batch[key].shape) for key in BATCH_KEYS}
+  keys = BATCH_KEYS + tuple(key for key in PACKING_KEYS if key in batch)
+  shapes = {key: tuple(batch[key].shape) for key in keys}
   if len(set(shapes.values())) != 1:
     raise ValueError(
-        f"The batch arrays differ in shape: {shapes}. All four must have the"
-        " same shape."
+        f"The batch arrays differ in shape: {shapes}. All of them must have"
+        " the same shape."
     )
   shape = shapes["input_ids"]
   if grad_accum_steps is None:
@@ -334,14 +343,19 @@ def _check_batch(batch, grad_accum_steps):
         f" {grad_accum_steps}, got input_ids of shape {shape}. Stack"
         f" {grad_accum_steps} micro-batches with train.stack_micro_batches."
     )
-  return {key: batch[key] for key in BATCH_KEYS}
+  return {key: batch[key] for key in keys}
+
+
+def _packing_inputs(batch):
+  """Return the model keyword arguments of a packed batch's extra keys."""
+  return {key: batch[key] for key in PACKING_KEYS if key in batch}
 
 
 def stack_micro_batches(batches: list[Batch]) -> dict[str, Any]:
   """Stack A micro-batches `[B, T]` into one step's batch `[A, B, T]` (numpy).
 
   Micro-batches shorter than the longest are padded on the right with zeros in
-  all four arrays, which marks the padding as neither real nor scored.
+  every array, which marks the padding as neither real nor scored.
 
   Raises:
     ValueError: if `batches` is empty, lacks a key, or the micro-batches have
@@ -361,8 +375,14 @@ def stack_micro_batches(batches: list[Batch]) -> dict[str, Any]:
     )
 
   length = max(batch["input_ids"].shape[1] for batch in batches)
+  keys = set(map(frozenset, batches))
+  if len(keys) != 1:
+    raise ValueError(
+        "The micro-batches have different keys; either all or none carry"
+        f" {' and '.join(PACKING_KEYS)}."
+    )
   stacked = {}
-  for key in BATCH_KEYS:
+  for key in batches[0]:
     padded = [
         np.pad(batch[key], ((0, 0), (0, length - batch[key].shape[1])))
         for batch in batches
