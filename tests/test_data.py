@@ -8,8 +8,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
-from transformers import AutoTokenizer
+import tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from jaxlora.models.smollm2 import fetch_smollm2
 from jaxlora.train import chat, data, pydoc_qa
@@ -198,6 +200,137 @@ def test_text_file_chunks_cover_tokens(smol, tmp_path):
   assert targets.tolist() == ids[1:]
 
 
+# Prompt and completion pairs.
+
+QUESTION = "Question: what is two plus two?\nAnswer:"
+ANSWER = " Four, because two and two make four."
+
+
+def _write_table(path, rows):
+  """Write `rows` as JSON Lines, CSV or Parquet, by the suffix of `path`."""
+  path = str(path)
+  if path.endswith(".jsonl"):
+    return _write_jsonl(path, rows)
+  if path.endswith(".csv"):
+    pd.DataFrame(rows).to_csv(path, index=False)
+  else:
+    pd.DataFrame(rows).to_parquet(path)
+  return path
+
+
+def _pair_ids(tokenizer, prompt, completion):
+  prompt_ids = tokenizer(prompt)["input_ids"]
+  completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+  return prompt_ids, completion_ids
+
+
+def test_pair_scores_completion_and_eos(smol, tmp_path):
+  path = _write_table(tmp_path / "pairs.csv", [{"question": QUESTION, "answer": ANSWER}])
+  examples = data.load_examples(path, smol, seq_len=64, columns={"prompt": "question", "completion": "answer"})
+  prompt_ids, completion_ids = _pair_ids(smol, QUESTION, ANSWER)
+
+  assert examples.tokens[0].tolist() == prompt_ids + completion_ids
+  assert examples.scored[0].tolist() == [False] * len(prompt_ids) + [True] * len(completion_ids)
+  batch = data.collate(examples, [0], 1)
+  assert _scored_runs(smol, batch) == [ANSWER + smol.eos_token]
+
+
+def test_pair_train_on_prompt(smol, tmp_path):
+  path = _write_table(tmp_path / "pairs.jsonl", [{"prompt": QUESTION, "completion": ANSWER}])
+  examples = data.load_examples(path, smol, seq_len=64, train_on_prompt=True)
+  prompt_ids, completion_ids = _pair_ids(smol, QUESTION, ANSWER)
+  assert examples.tokens[0].tolist() == prompt_ids + completion_ids
+  assert examples.scored[0].all()
+  batch = data.collate(examples, [0], 1)
+  assert batch["loss_mask"].sum() == len(prompt_ids) + len(completion_ids) - 1
+
+
+def test_pair_truncation_counted(smol, tmp_path):
+  prompt_ids, completion_ids = _pair_ids(smol, QUESTION, ANSWER)
+  seq_len = len(prompt_ids) + 2
+  rows = [
+      {"prompt": QUESTION, "completion": ANSWER},
+      {"prompt": QUESTION + " Think it through, step by step, before you answer.", "completion": ANSWER},
+      {"prompt": "Say yes.", "completion": " Yes."},
+  ]
+  path = _write_table(tmp_path / "pairs.parquet", rows)
+  examples = data.load_examples(path, smol, seq_len=seq_len)
+
+  stats = examples.stats
+  # Row 0 keeps 3 completion tokens; row 1 loses its whole completion and is dropped.
+  assert (stats.read, stats.truncated, stats.dropped_unscored) == (3, 2, 1)
+  assert len(examples) == 2
+  assert examples.scored[0].sum() == 3
+  long_prompt = len(smol(rows[1]["prompt"])["input_ids"])
+  cut_tokens = (len(prompt_ids) + len(completion_ids) - seq_len - 1) + (long_prompt + len(completion_ids) - seq_len - 1)
+  assert stats.truncated_tokens == cut_tokens
+  assert stats.truncated_scored == len(completion_ids) - 3 + len(completion_ids)
+
+
+def test_pair_missing_value_raises(smol, tmp_path):
+  path = _write_table(tmp_path / "pairs.parquet", [
+      {"prompt": "A?", "completion": " a."}, {"prompt": "B?", "completion": None},
+  ])
+  with pytest.raises(ValueError, match=r"example 1: column 'completion' must contain a string, got None"):
+    data.load_examples(path, smol, seq_len=32)
+
+
+def test_chat_train_on_prompt(smol, tmp_path):
+  rows = [_chat("Hi", "\n\nHello"), _chat("Name a colour.", "Blue.")]
+  path = _write_jsonl(tmp_path / "chat.jsonl", rows)
+  examples = data.load_examples(path, smol, seq_len=64, train_on_prompt=True)
+  # Scoring everything needs no reply boundary, so no example is unaligned.
+  assert len(examples) == 2
+  assert examples.stats.dropped_unaligned == 0
+  full = smol.apply_chat_template(rows[1]["messages"], tokenize=False)
+  assert examples.tokens[1].tolist() == smol(full, add_special_tokens=False)["input_ids"]
+  assert all(mask.all() for mask in examples.scored)
+
+
+# Every format from every table file.
+
+FORMAT_ROWS = {
+    "text": [{"text": f"Document {i} says something about the number {i}."} for i in range(4)],
+    "prompt_completion": [{"prompt": f"What is {i} + 1?", "completion": f" {i + 1}."} for i in range(4)],
+    "chat": [_chat(f"What is {i} + 1?", f"{i + 1}.") for i in range(4)],
+}
+
+
+# A CSV cell cannot hold a list of messages, so chat comes as JSON Lines and Parquet only.
+@pytest.mark.parametrize("data_format,suffix", [
+    ("text", ".jsonl"), ("text", ".csv"), ("text", ".parquet"),
+    ("prompt_completion", ".jsonl"), ("prompt_completion", ".csv"), ("prompt_completion", ".parquet"),
+    ("chat", ".jsonl"), ("chat", ".parquet"),
+])
+def test_prepare_data_formats(smol, tmp_path, data_format, suffix):
+  path = _write_table(tmp_path / f"data{suffix}", FORMAT_ROWS[data_format])
+  train, held_out = data.prepare_data(path, smol, seq_len=48, batch_size=2, eval_fraction=0.25, seed=1)
+
+  reference = data.load_examples(
+      _write_jsonl(tmp_path / "reference.jsonl", FORMAT_ROWS[data_format]), smol, seq_len=48,
+      data_format=data_format,
+  )
+  assert (len(train), len(held_out)) == (3, 1)
+  together = {tuple(ids.tolist()) for ids in train.tokens + held_out.tokens}
+  assert together == {tuple(ids.tolist()) for ids in reference.tokens}
+  scored = train.scored_token_count() + held_out.scored_token_count()
+  assert scored == reference.scored_token_count()
+  if data_format != "text":
+    assert scored < sum(len(ids) - 1 for ids in reference.tokens)
+
+
+def test_prepare_data_text_file_rejects_chat(smol, tmp_path):
+  path = tmp_path / "doc.md"
+  path.write_text("Some text.", encoding="utf-8")
+  with pytest.raises(ValueError, match=r"data_format='chat' does not apply"):
+    data.prepare_data(path, smol, seq_len=16, batch_size=1, data_format="chat")
+
+
+def test_prepare_data_hub_offline(smol):
+  with pytest.raises(ValueError, match=r"'someone/no-such-data'.*hub.*local file"):
+    data.prepare_data("someone/no-such-data", smol, seq_len=16, batch_size=1)
+
+
 # Batches.
 
 @pytest.fixture(scope="module")
@@ -340,28 +473,30 @@ def test_error_bad_json(smol, tmp_path):
 
 
 def test_error_unknown_suffix(smol, tmp_path):
-  path = tmp_path / "data.parquet"
+  path = tmp_path / "data.xlsx"
   path.write_text("x")
-  _raises_naming(".parquet", lambda: data.load_examples(path, smol, seq_len=8))
+  _raises_naming(".xlsx", lambda: data.load_examples(path, smol, seq_len=8))
 
 
 def test_error_no_example_columns(smol, tmp_path):
-  path = _write_jsonl(tmp_path / "x.jsonl", [{"prompt": "a", "completion": "b"}])
-  with pytest.raises(ValueError, match=re.escape("['completion', 'prompt']")):
+  path = _write_jsonl(tmp_path / "x.jsonl", [{"question": "a", "reply": "b"}])
+  with pytest.raises(ValueError, match=re.escape("['question', 'reply']")):
     data.load_examples(path, smol, seq_len=8)
 
 
 def test_error_row_without_example(smol, tmp_path):
   path = _write_jsonl(tmp_path / "x.jsonl", [{"text": "fine"}, {"other": "b"}])
-  with pytest.raises(ValueError, match=r"example 1: .*\['other'\]"):
+  with pytest.raises(ValueError, match=r"example 1: column 'text' .*\['other'\]"):
     data.load_examples(path, smol, seq_len=8)
 
 
-def test_error_row_with_both(smol, tmp_path):
+def test_error_text_and_messages_ambiguous(smol, tmp_path):
   row = {**_chat("Hi", "Hello"), "text": "also"}
   path = _write_jsonl(tmp_path / "x.jsonl", [row])
-  with pytest.raises(ValueError, match="both `messages` and `text`"):
+  with pytest.raises(ValueError, match="fit several data formats"):
     data.load_examples(path, smol, seq_len=8)
+  # Naming the format resolves it.
+  assert len(data.load_examples(path, smol, seq_len=32, data_format="chat")) == 1
 
 
 def test_error_bad_message(smol, tmp_path):
@@ -370,11 +505,52 @@ def test_error_bad_message(smol, tmp_path):
     data.load_examples(path, smol, seq_len=8)
 
 
+def _word_tokenizer():
+  """Return a GPT-2-style tokenizer without a chat template: words, and EOS as its only special token."""
+  words = ["<|endoftext|>", "Hi", "Hello", "there", "user", "assistant"]
+  model = tokenizers.models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<|endoftext|>")
+  backend = tokenizers.Tokenizer(model)
+  backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+
+
 def test_error_chat_without_template(smol, tmp_path):
-  tokenizer = _with_template(smol, None)
   path = _write_jsonl(tmp_path / "x.jsonl", [_chat("Hi", "Hello")])
-  with pytest.raises(ValueError, match="has no chat template"):
-    data.load_examples(path, tokenizer, seq_len=8)
+  word_tokenizer = _word_tokenizer()
+  assert word_tokenizer.chat_template is None
+  for tokenizer in (_with_template(smol, None), word_tokenizer):
+    with pytest.raises(ValueError, match="has no chat template.*Set tokenizer.chat_template"):
+      data.prepare_data(path, tokenizer, seq_len=8, batch_size=1)
+
+
+def test_word_tokenizer_reads_text(tmp_path):
+  path = _write_jsonl(tmp_path / "x.jsonl", [{"text": "Hello there"}])
+  examples, _ = data.prepare_data(path, _word_tokenizer(), seq_len=8, batch_size=1)
+  assert examples.tokens[0].tolist() == [2, 3, 0]
+
+
+def test_error_empty_dataset(smol, tmp_path):
+  header_only = tmp_path / "header.csv"
+  header_only.write_text("prompt,completion\n", encoding="utf-8")
+  with pytest.raises(ValueError, match=re.escape(f"{str(header_only)!r} contains no examples")):
+    data.prepare_data(header_only, smol, seq_len=16, batch_size=1)
+
+  # Every row is dropped: a user turn with no reply scores nothing.
+  path = _write_jsonl(tmp_path / "x.jsonl", [{"messages": [{"role": "user", "content": "Hi"}]}] * 2)
+  with pytest.raises(ValueError, match=r"x.jsonl: no example is left after tokenizing \(2 read, 2 without"):
+    data.prepare_data(path, smol, seq_len=16, batch_size=1)
+
+
+def test_error_missing_column(smol, tmp_path):
+  path = _write_table(tmp_path / "pairs.parquet", [{"question": "A?", "answer": " a."}])
+  with pytest.raises(ValueError) as info:
+    data.prepare_data(
+        path, smol, seq_len=16, batch_size=1, columns={"prompt": "query", "completion": "answer"}
+    )
+  message = str(info.value)
+  assert "the 'prompt' column 'query'" in message
+  assert "['answer', 'question']" in message
+  assert "columns={'prompt': '<column>'}" in message
 
 
 def test_text_without_template_ok(smol, tmp_path):

@@ -2,7 +2,8 @@
 
 A chat example is a list of messages `{"role": ..., "content": ...}`. It is
 rendered to text with the tokenizer's chat template and tokenized once, as a
-whole. The loss then covers the assistant replies only. For each assistant
+whole. The loss then covers the assistant replies only, unless
+`train_on_prompt` asks for every token. For each assistant
 message, the scored tokens are its content and the template's end-of-turn
 token (for SmolLM2, `<|im_end|>`). The whitespace the template writes after
 that token is not scored, and neither is any user, system or header token.
@@ -103,16 +104,21 @@ def encode(tokenizer: Any, text: str) -> list[int]:
 def tokenize_chat(
     tokenizer: Any,
     messages: list[dict[str, str]],
+    *,
+    train_on_prompt: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Tokenize a conversation and mark the tokens of its assistant replies.
 
   Args:
     tokenizer: a transformers tokenizer with a chat template.
     messages: normalized messages (see `normalize_messages`).
+    train_on_prompt: mark every token, so the reply boundaries are not
+      searched and no example is unaligned.
 
   Returns:
     `(ids, scored)`: token ids `[n]` int32, and `[n]` bool, True at each
-    token of an assistant reply's content and its end-of-turn token.
+    token of an assistant reply's content and its end-of-turn token (every
+    token with `train_on_prompt`).
 
   Raises:
     UnalignedTurnError: if the template renders a prefix of the conversation
@@ -121,6 +127,8 @@ def tokenize_chat(
   """
   full_text = render(tokenizer, messages, generation_prompt=False)
   ids = encode(tokenizer, full_text)
+  if train_on_prompt:
+    return np.asarray(ids, dtype=np.int32), np.ones(len(ids), dtype=bool)
   scored = np.zeros(len(ids), dtype=bool)
 
   for position, message in enumerate(messages):

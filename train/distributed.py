@@ -200,7 +200,10 @@ def process_train_batches(
   """
   local_size = _local_batch_size(batch_size, mesh)
   local = process_examples(examples, mesh)
-  return data.train_batches(local, batch_size=local_size, seed=seed)
+  # Every process's rows join one global array, so all batches keep the full width.
+  return data.train_batches(
+      local, batch_size=local_size, seed=seed, pad_to_multiple_of=None
+  )
 
 
 def process_eval_batches(
@@ -221,7 +224,10 @@ def process_eval_batches(
   local_size = _local_batch_size(batch_size, mesh)
   slot, slot_count = mesh_lib.process_batch_slot(mesh)
   local = examples.subset(range(slot, len(examples), slot_count))
-  batches = data.eval_batches(local, batch_size=local_size) if len(local) else []
+  batches = (
+      data.eval_batches(local, batch_size=local_size, pad_to_multiple_of=None)
+      if len(local) else []
+  )
   count = math.ceil(len(examples) / batch_size)
   while len(batches) < count:
     batches.append(data.collate(local, [], local_size))
