@@ -169,7 +169,8 @@ def build_data(args, output: pathlib.Path):
 
 
 def answer(model, params, pretrained, questions, max_new_tokens):
-  return generate.greedy_generate(
+  """Generate greedy replies to `questions`, with any adapters in `params` unmerged."""
+  return generate.generate(
       model, params, pretrained.tokenizer, questions,
       max_new_tokens=max_new_tokens,
       generation_config=pretrained.generation_config,

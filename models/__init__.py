@@ -6,13 +6,14 @@ from jaxlora.models.architectures import (
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.gpt2 import Gpt2, Gpt2Config
 from jaxlora.models.hf_writer import save_merged, save_pretrained
-from jaxlora.models.llama import Llama
+from jaxlora.models.llama import KVCache, Llama, init_cache
 from jaxlora.models.loading import Pretrained, load
 from jaxlora.models.peft_io import PeftAdapter, load_peft_adapter, save_peft_adapter
 
 __all__ = [
     "Gpt2",
     "Gpt2Config",
+    "KVCache",
     "Llama",
     "LlamaConfig",
     "PeftAdapter",
@@ -21,6 +22,7 @@ __all__ = [
     "build_model",
     "config_from_hf",
     "default_targets",
+    "init_cache",
     "init_params",
     "load",
     "load_peft_adapter",

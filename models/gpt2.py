@@ -24,6 +24,11 @@ The parameter tree, with the blocks stacked on a leading axis L (F = n_inner,
 tie it to `wte`. The columns of `c_attn` are the queries, then the keys, then
 the values, D each. Axis letters are those of `jaxlora.models.llama`, with P
 for positions.
+
+`Gpt2.decode` runs generation with the `KVCache` of `jaxlora.models.llama`
+(`init_cache(config, B, S)`, keys and values `[L, B, S, H, hd]` since every
+head has its own keys), called like `Llama.decode`. Its positions index
+`wpe`, so left-padded rows pass positions that count real tokens only.
 """
 
 import dataclasses
@@ -37,7 +42,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora.models.llama import (
-    INIT_STDDEV, Linear, _attention_mask, _check_inputs, _constrain, output_logits, remat_policy,
+    INIT_STDDEV, KVCache, Linear, _attention_mask, _check_inputs, _constrain, _write_columns,
+    extend_cache, output_logits, prepare_decode, remat_policy,
 )
 
 # transformers' names of the MLP activation -> function. "gelu_new" and
@@ -137,6 +143,11 @@ class Gpt2Config:
     return self.n_head
 
   @property
+  def num_key_value_heads(self) -> int:
+    """GPT-2 has one key and value head per query head."""
+    return self.n_head
+
+  @property
   def head_dim(self) -> int:
     return self.n_embd // self.n_head
 
@@ -229,8 +240,17 @@ class Attention(nn.Module):
   lora_dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, x, mask, deterministic):
-    """Attend over `x` `[B, T, D]` under `mask` `[B, 1, 1, T, S]` (True keeps)."""
+  def __call__(self, x, mask, deterministic, cache_index=None, cached_kv=None):
+    """Attend over `x` `[B, T, D]` under `mask` `[B, 1, 1, T, S]` (True keeps).
+
+    With `cached_kv`, this block's cached keys and values `[B, S, H, hd]`,
+    the new ones are written at columns `cache_index ..` of a copy and the
+    queries attend over all S columns.
+
+    Returns:
+      `(output [B, T, D], (keys, values))`, the keys and values of `x`
+      `[B, T, H, hd]`.
+    """
     config = self.config
     heads, hd, width = config.n_head, config.head_dim, config.n_embd
     batch, length, _ = x.shape
@@ -241,8 +261,11 @@ class Attention(nn.Module):
     qkv = linear(3 * width, name="c_attn")(x, deterministic)
     q, k, v = jnp.split(qkv, 3, axis=-1)
     q_BTHd = q.reshape(batch, length, heads, hd)
-    k_BSHd = k.reshape(batch, length, heads, hd)
-    v_BSHd = v.reshape(batch, length, heads, hd)
+    k_BTHd = k.reshape(batch, length, heads, hd)
+    v_BTHd = v.reshape(batch, length, heads, hd)
+    k_BSHd, v_BSHd = k_BTHd, v_BTHd
+    if cached_kv is not None:
+      k_BSHd, v_BSHd = _write_columns(cached_kv, (k_BTHd, v_BTHd), cache_index, axis=1)
 
     scores = jnp.einsum("bthd,bshd->bhts", q_BTHd, k_BSHd).astype(jnp.float32)
     if config.scale_attn_weights:
@@ -250,7 +273,7 @@ class Attention(nn.Module):
     scores = jnp.where(mask[:, 0], scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     out = jnp.einsum("bhts,bshd->bthd", weights, v_BSHd).reshape(batch, length, width)
-    return linear(width, name="c_proj")(out, deterministic)
+    return linear(width, name="c_proj")(out, deterministic), (k_BTHd, v_BTHd)
 
 
 class Mlp(nn.Module):
@@ -272,7 +295,11 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """One pre-norm GPT-2 block, written as a `scan` body that returns `(h, None)`."""
+  """One pre-norm GPT-2 block, written as a `scan` body.
+
+  It returns `(h, None)`, or with a cache `(h, (keys, values))`, this
+  block's new keys and values `[B, T, H, hd]`.
+  """
 
   config: Gpt2Config
   dtype: jnp.dtype = jnp.float32
@@ -281,16 +308,18 @@ class Block(nn.Module):
   activation_sharding: jax.sharding.NamedSharding | None = None
 
   @nn.compact
-  def __call__(self, h, mask):
+  def __call__(self, h, mask, cache_index=None, cached_kv=None):
     config = self.config
     norm = lambda name: LayerNorm(config.layer_norm_epsilon, dtype=self.dtype, name=name)
     attention = Attention(config, self.dtype, self.lora_dropout, name="attn")
     mlp = Mlp(config, self.dtype, self.lora_dropout, name="mlp")
 
     h = _constrain(h, self.activation_sharding)
-    h = h + attention(norm("ln_1")(h), mask, self.deterministic)
+    attended, new_kv = attention(norm("ln_1")(h), mask, self.deterministic, cache_index, cached_kv)
+    h = h + attended
     h = h + mlp(norm("ln_2")(h), self.deterministic)
-    return _constrain(h, self.activation_sharding), None
+    h = _constrain(h, self.activation_sharding)
+    return h, (None if cached_kv is None else new_kv)
 
 
 class Gpt2(nn.Module):
@@ -339,19 +368,45 @@ class Gpt2(nn.Module):
         per row.
     """
     _check_inputs(input_ids, positions, attention_mask, segment_ids)
-    config = self.config
     batch, length = input_ids.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length)[None, :], (batch, length))
     mask = _attention_mask(attention_mask, batch, length, segment_ids=segment_ids)
+    logits, _ = self._forward(input_ids, positions, mask, deterministic)
+    return logits
 
+  def decode(
+      self,
+      input_ids: jax.Array,
+      cache: KVCache,
+      positions: jax.Array | None = None,
+      attention_mask: jax.Array | None = None,
+  ) -> tuple[jax.Array, KVCache]:
+    """Return the logits of T new tokens and the cache extended by them.
+
+    The arguments and results are those of `jaxlora.models.Llama.decode`.
+    Here `positions` index the learned position embeddings `wpe`.
+
+    Raises:
+      ValueError: if the shapes of the inputs or the cache do not match the
+        model.
+    """
+    positions, valid, mask = prepare_decode(
+        self.config, input_ids, cache, positions, attention_mask
+    )
+    logits, new_kv = self._forward(input_ids, positions, mask, True, cache)
+    return logits, extend_cache(cache, new_kv, valid, input_ids.shape[1])
+
+  @nn.compact
+  def _forward(self, input_ids, positions, mask, deterministic, cache=None):
+    """Return `(logits [B, T, V], new keys and values or None)` for `__call__` and `decode`."""
     policy = remat_policy(self.remat_policy) if self.remat else None
     transformer = _Transformer(
-        config, self.dtype, self.lora_dropout, policy, self.activation_sharding,
+        self.config, self.dtype, self.lora_dropout, policy, self.activation_sharding,
         name="transformer",
     )
-    h = transformer(input_ids, positions, mask, deterministic)
-    return output_logits(self, transformer, h, deterministic)
+    h, new_kv = transformer(input_ids, positions, mask, deterministic, cache)
+    return output_logits(self, transformer, h, deterministic), new_kv
 
 
 class _Transformer(nn.Module):
@@ -374,16 +429,21 @@ class _Transformer(nn.Module):
     self.ln_f = LayerNorm(config.layer_norm_epsilon, dtype=self.dtype)
 
   @nn.compact
-  def __call__(self, input_ids, positions, mask, deterministic):
-    """Return the final hidden states `[B, T, D]`."""
+  def __call__(self, input_ids, positions, mask, deterministic, cache=None):
+    """Return the final hidden states `[B, T, D]` and, with a `KVCache`, the new keys and values.
+
+    The new keys and values are `(keys, values)`, each `[L, B, T, H, hd]`.
+    They are None without a cache.
+    """
     block = Block
     if self.remat_policy is not None:
       block = nn.remat(block, prevent_cse=False, policy=self.remat_policy)
+    in_axes = nn.broadcast if cache is None else (nn.broadcast, nn.broadcast, 0)
     blocks = nn.scan(
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=nn.broadcast,
+        in_axes=in_axes,
         length=self.config.n_layer,
     )(
         self.config, self.dtype, self.lora_dropout, deterministic,
@@ -391,8 +451,11 @@ class _Transformer(nn.Module):
     )
 
     h = self.wte(input_ids) + self.wpe(positions)
-    h, _ = blocks(h, mask)
-    return self.ln_f(h)
+    if cache is None:
+      h, new_kv = blocks(h, mask)
+    else:
+      h, new_kv = blocks(h, mask, cache.length, (cache.keys, cache.values))
+    return self.ln_f(h), new_kv
 
   def attend(self, h):
     """Return `h @ wte.T` `[B, T, V]`, the tied output head."""

@@ -37,10 +37,33 @@ scale: [L]}`, which `Linear` applies with `jaxlora.adapted_matmul`.
 
 Rotary embeddings follow Hugging Face's convention: the two halves of each
 head are rotated as a pair (`rotate_half`), not interleaved channels.
+
+Generation keeps the keys and values of past tokens in a `KVCache` instead of
+recomputing them. The cache is an explicit argument and result of
+`Llama.decode`, a second entry point beside `__call__` that uses the same
+parameter tree:
+
+    cache = init_cache(config, batch_size=B, max_length=S)
+    logits, cache = model.apply({"params": params}, prompt_ids, cache,
+                                positions=..., attention_mask=..., method="decode")
+    logits, cache = model.apply({"params": params}, next_ids, cache,
+                                positions=..., method="decode")
+
+The cache contains `keys` and `values` `[L, B, S, K, hd]`, stacked on L like
+the layers and with the keys stored after the rotary embedding. It also
+contains `valid` `[B, S]`, True at columns of real tokens, and `length`, the
+number of columns written so far, which every row shares.
+
+A call with T tokens `[B, T]` writes them at columns `length .. length + T -
+1`, and each attends to the valid columns up to its own (and, with a sliding
+window of W, to the last W of them). A prompt (prefill, T > 1) and each new
+token (T = 1) go through the same method. Adapters are applied unmerged, as
+in `__call__`.
 """
 
 import functools
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -204,8 +227,18 @@ class Attention(nn.Module):
     )
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, deterministic):
-    """Attend over `x` `[B, T, D]` under `mask` `[B, 1, 1, T, S]` (True keeps)."""
+  def __call__(self, x, cos, sin, mask, deterministic, cache_index=None, cached_kv=None):
+    """Attend over `x` `[B, T, D]` under `mask` `[B, 1, 1, T, S]` (True keeps).
+
+    Without a cache the keys are those of `x` (S = T). With `cached_kv`, a
+    pair of this layer's cached keys and values `[B, S, K, hd]`, the new keys
+    and values are written at columns `cache_index ..` of a copy and the
+    queries attend over all S columns.
+
+    Returns:
+      `(output [B, T, D], (keys, values))`, the keys and values of `x`
+      `[B, T, K, hd]`.
+    """
     config = self.config
     hd = config.head_dim
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -219,8 +252,11 @@ class Attention(nn.Module):
       k = self._linear(kv_heads * hd, "k_proj", config.qkv_bias)(x, deterministic)
       v = self._linear(kv_heads * hd, "v_proj", config.qkv_bias)(x, deterministic)
     q_BTHd = apply_rope(q.reshape(batch, length, heads, hd), cos, sin)
-    k_BSKd = apply_rope(k.reshape(batch, length, kv_heads, hd), cos, sin)
-    v_BSKd = v.reshape(batch, length, kv_heads, hd)
+    k_BTKd = apply_rope(k.reshape(batch, length, kv_heads, hd), cos, sin)
+    v_BTKd = v.reshape(batch, length, kv_heads, hd)
+    k_BSKd, v_BSKd = k_BTKd, v_BTKd
+    if cached_kv is not None:
+      k_BSKd, v_BSKd = _write_columns(cached_kv, (k_BTKd, v_BTKd), cache_index, axis=1)
 
     q_BTKGd = q_BTHd.reshape(batch, length, kv_heads, config.num_queries_per_kv, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGd, k_BSKd)
@@ -231,7 +267,7 @@ class Attention(nn.Module):
 
     out = out.reshape(batch, length, heads * hd)
     o_proj = self._linear(config.hidden_size, "o_proj", config.attention_bias)
-    return o_proj(out, deterministic)
+    return o_proj(out, deterministic), (k_BTKd, v_BTKd)
 
 
 ACTIVATION_FUNCTIONS = {
@@ -268,7 +304,11 @@ class Mlp(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """One pre-norm decoder layer, written as a `scan` body that returns `(h, None)`."""
+  """One pre-norm decoder layer, written as a `scan` body.
+
+  It returns `(h, None)`, or with a cache `(h, (keys, values))`, this
+  layer's new keys and values `[B, T, K, hd]`, which `scan` stacks on L.
+  """
 
   config: LlamaConfig
   dtype: jnp.dtype = jnp.float32
@@ -277,7 +317,7 @@ class DecoderLayer(nn.Module):
   activation_sharding: jax.sharding.NamedSharding | None = None
 
   @nn.compact
-  def __call__(self, h, cos, sin, mask):
+  def __call__(self, h, cos, sin, mask, cache_index=None, cached_kv=None):
     config = self.config
     norm = lambda name: RMSNorm(
         config.rms_norm_eps, dtype=self.dtype, offset=config.family.norm_offset, name=name
@@ -287,10 +327,129 @@ class DecoderLayer(nn.Module):
 
     h = _constrain(h, self.activation_sharding)
     x = norm("input_layernorm")(h)
-    h = h + attention(x, cos, sin, mask, self.deterministic)
+    attended, new_kv = attention(x, cos, sin, mask, self.deterministic, cache_index, cached_kv)
+    h = h + attended
     x = norm("post_attention_layernorm")(h)
     h = h + mlp(x, self.deterministic)
-    return _constrain(h, self.activation_sharding), None
+    h = _constrain(h, self.activation_sharding)
+    return h, (None if cached_kv is None else new_kv)
+
+
+class KVCache(NamedTuple):
+  """The keys and values of the tokens seen so far, read by `decode`.
+
+  Attributes:
+    keys: `[L, B, S, K, hd]`, after the rotary embedding. S is the cache
+      size in tokens.
+    values: `[L, B, S, K, hd]`.
+    valid: `[B, S]` bool, True at columns that hold a real token, False at
+      padding and at columns not yet written.
+    length: `[]` int32, the number of columns written. The next token goes
+      to column `length`.
+  """
+
+  keys: jax.Array
+  values: jax.Array
+  valid: jax.Array
+  length: jax.Array
+
+
+def init_cache(config, batch_size: int, max_length: int, dtype: jnp.dtype = jnp.float32) -> KVCache:
+  """Return an empty cache of `max_length` columns (S) for `batch_size` rows (B).
+
+  Args:
+    config: a `LlamaConfig` or `Gpt2Config`, whose `num_hidden_layers`,
+      `num_key_value_heads` and `head_dim` give L, K and hd.
+    batch_size: B.
+    max_length: S, the prompt columns plus the most tokens to generate.
+    dtype: dtype of the keys and values, normally the model's compute dtype.
+
+  Raises:
+    ValueError: if `batch_size` or `max_length` is not a positive integer.
+  """
+  for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+  shape = (
+      config.num_hidden_layers, batch_size, max_length,
+      config.num_key_value_heads, config.head_dim,
+  )
+  return KVCache(
+      keys=jnp.zeros(shape, dtype),
+      values=jnp.zeros(shape, dtype),
+      valid=jnp.zeros((batch_size, max_length), bool),
+      length=jnp.zeros((), jnp.int32),
+  )
+
+
+def prepare_decode(config, input_ids, cache, positions, attention_mask, sliding_window=None):
+  """Check the inputs of a `decode` call and return `(positions, valid, mask)`.
+
+  `positions` `[B, T]` is filled in when None, `valid` `[B, S]` is the
+  cache's `valid` with the new tokens' columns set from `attention_mask`,
+  and `mask` `[B, 1, 1, T, S]` is True where a new token attends to a column.
+
+  Raises:
+    ValueError: if an input's shape does not match `input_ids` or the cache's
+      shape does not match the config and the batch.
+  """
+  _check_inputs(input_ids, positions, attention_mask)
+  batch, length = input_ids.shape
+  size = cache.valid.shape[-1]
+  expected = (config.num_hidden_layers, batch, size, config.num_key_value_heads, config.head_dim)
+  shapes_match = cache.keys.shape == expected and cache.values.shape == expected
+  if not shapes_match or cache.valid.shape != (batch, size):
+    raise ValueError(
+        f"The cache has keys {tuple(cache.keys.shape)}, values"
+        f" {tuple(cache.values.shape)} and valid {tuple(cache.valid.shape)}, but"
+        f" this model and a batch of {batch} need keys and values {expected} and"
+        f" valid {(batch, size)}; build it with init_cache(config, {batch}, max_length)."
+    )
+  if length > size:
+    raise ValueError(
+        f"input_ids has {length} tokens, more than the cache's {size} columns;"
+        " build the cache with a larger max_length."
+    )
+
+  start = cache.length
+  if positions is None:
+    positions = jnp.broadcast_to(start + jnp.arange(length)[None, :], (batch, length))
+  if attention_mask is None:
+    attention_mask = jnp.ones((batch, length), bool)
+  valid = jax.lax.dynamic_update_slice_in_dim(
+      cache.valid, attention_mask.astype(bool), start, axis=1
+  )
+
+  # Query t sits at column start + t and attends to columns s at distance
+  # start + t - s in [0, sliding_window).
+  distance = (start + jnp.arange(length))[:, None] - jnp.arange(size)[None, :]
+  allowed_TS = distance >= 0
+  if sliding_window is not None:
+    allowed_TS = jnp.logical_and(allowed_TS, distance < sliding_window)
+  mask = jnp.logical_and(allowed_TS[None, None, None], valid[:, None, None, None, :])
+  return positions, valid, mask
+
+
+def extend_cache(cache: KVCache, new_kv, valid: jax.Array, length: int) -> KVCache:
+  """Return `cache` with the new keys and values `[L, B, T, K, hd]` written at column `cache.length`."""
+  keys, values = _write_columns(
+      (cache.keys, cache.values), new_kv, cache.length, axis=2
+  )
+  return KVCache(keys, values, valid, cache.length + length)
+
+
+def _write_columns(cached, new, start, axis):
+  """Return copies of the arrays `cached` with the matching arrays of `new` written from `start` on `axis`.
+
+  NOTE: `dynamic_update_slice` clamps a start that would run past the end,
+  so a write past a full cache silently overwrites its last columns.
+  `prepare_decode` checks T against S, but it cannot check the traced
+  `length`.
+  """
+  return tuple(
+      jax.lax.dynamic_update_slice_in_dim(old, update.astype(old.dtype), start, axis=axis)
+      for old, update in zip(cached, new)
+  )
 
 
 class Llama(nn.Module):
@@ -343,22 +502,68 @@ class Llama(nn.Module):
         segment per row.
     """
     _check_inputs(input_ids, positions, attention_mask, segment_ids)
-    config = self.config
     batch, length = input_ids.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length)[None, :], (batch, length))
-    cos, sin = rope_tables(positions, rope_frequencies(config))
     mask = _attention_mask(
-        attention_mask, batch, length, config.sliding_window, segment_ids
+        attention_mask, batch, length, self.config.sliding_window, segment_ids
     )
+    logits, _ = self._forward(input_ids, positions, mask, deterministic)
+    return logits
 
+  def decode(
+      self,
+      input_ids: jax.Array,
+      cache: KVCache,
+      positions: jax.Array | None = None,
+      attention_mask: jax.Array | None = None,
+  ) -> tuple[jax.Array, KVCache]:
+    """Return the logits of T new tokens and the cache extended by them.
+
+    The new tokens attend to each other causally and to the valid cached
+    columns. Adapter dropout is off.
+
+    Args:
+      input_ids: token ids `[B, T]`, for example a left-padded prompt or one
+        new token per row.
+      cache: the cache from `init_cache` or from the previous call.
+        `cache.length + T` must not exceed its S columns.
+      positions: position of each token `[B, T]`; defaults to its column,
+        `cache.length + 0..T-1`, which is right only for rows without
+        padding.
+      attention_mask: `[B, T]`, 1 for real tokens and 0 for padding; None
+        means every new token is real.
+
+    Returns:
+      `(logits [B, T, V] float32, cache)` with the new keys and values at
+      columns `length .. length + T - 1` and `length` advanced by T.
+
+    Raises:
+      ValueError: if the shapes of the inputs or the cache do not match the
+        model.
+    """
+    config = self.config
+    positions, valid, mask = prepare_decode(
+        config, input_ids, cache, positions, attention_mask, config.sliding_window
+    )
+    logits, new_kv = self._forward(input_ids, positions, mask, True, cache)
+    return logits, extend_cache(cache, new_kv, valid, input_ids.shape[1])
+
+  @nn.compact
+  def _forward(self, input_ids, positions, mask, deterministic, cache=None):
+    """Return `(logits [B, T, V], new keys and values or None)`.
+
+    `__call__` and `decode` share this body, so both build the same tree.
+    """
+    config = self.config
+    cos, sin = rope_tables(positions, rope_frequencies(config))
     policy = remat_policy(self.remat_policy) if self.remat else None
     model = _Backbone(
         config, self.dtype, self.lora_dropout, policy, self.activation_sharding,
         name="model",
     )
-    h = model(input_ids, cos, sin, mask, deterministic)
-    return output_logits(self, model, h, deterministic)
+    h, new_kv = model(input_ids, cos, sin, mask, deterministic, cache)
+    return output_logits(self, model, h, deterministic), new_kv
 
 
 def output_logits(parent: nn.Module, backbone: nn.Module, h: jax.Array, deterministic: bool) -> jax.Array:
@@ -400,16 +605,23 @@ class _Backbone(nn.Module):
     )
 
   @nn.compact
-  def __call__(self, input_ids, cos, sin, mask, deterministic):
-    """Return the final hidden states `[B, T, D]`."""
+  def __call__(self, input_ids, cos, sin, mask, deterministic, cache=None):
+    """Return the final hidden states `[B, T, D]` and, with a `KVCache`, the new keys and values.
+
+    The new keys and values are `(keys, values)`, each `[L, B, T, K, hd]`.
+    They are None without a cache.
+    """
     layer = DecoderLayer
     if self.remat_policy is not None:
       layer = nn.remat(layer, prevent_cse=False, policy=self.remat_policy)
+    # Every layer gets the same cache index, and the cached keys and values
+    # are scanned over their leading L axis like the parameters.
+    in_axes = (nn.broadcast,) * 3 if cache is None else (nn.broadcast,) * 4 + (0,)
     layers = nn.scan(
         layer,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=in_axes,
         length=self.config.num_hidden_layers,
     )(
         self.config, self.dtype, self.lora_dropout, deterministic,
@@ -419,8 +631,11 @@ class _Backbone(nn.Module):
     h = self.embed_tokens(input_ids)
     if self.config.embedding_scale is not None:
       h = h * jnp.asarray(self.config.embedding_scale, h.dtype)
-    h, _ = layers(h, cos, sin, mask)
-    return self.norm(h)
+    if cache is None:
+      h, new_kv = layers(h, cos, sin, mask)
+    else:
+      h, new_kv = layers(h, cos, sin, mask, cache.length, (cache.keys, cache.values))
+    return self.norm(h), new_kv
 
   def attend(self, h):
     """Return `h @ embedding.T` `[B, T, V]`, the tied output head."""
