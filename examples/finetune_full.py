@@ -33,7 +33,8 @@ import finetune_lora as lora_example
 import jaxlora
 from jaxlora import models
 from jaxlora import train
-from jaxlora.train import data, distributed, generate, loop, step
+from jaxlora.train import data, distributed, generate, loop, plot, step
+from jaxlora.train.metrics import read_metrics
 
 logger = logging.getLogger("finetune_full")
 
@@ -141,15 +142,18 @@ def main(argv=None):
   )
   eval_examples = eval_examples.subset(range(min(args.eval_examples, len(eval_examples))))
   eval_batches = distributed.process_eval_batches(eval_examples, mesh, batch_size=args.batch_size)
-  batches = distributed.process_train_batches(
-      train_examples, mesh, batch_size=args.batch_size, seed=args.seed
-  )
+
+
+  def batches(start_batch):
+    return distributed.process_train_batches(
+        train_examples, mesh, batch_size=args.batch_size, seed=args.seed,
+        start_batch=start_batch,
+    )
+
   logger.info("%d training and %d held-out examples.", len(train_examples), len(eval_examples))
 
   params = pretrained.params
   model = models.Llama(pretrained.config)
-  if primary:
-    jaxlora.print_trainable_parameters(params, trainable_mask=jaxlora.full_mask(params))
   eval_step, placed = sharded_eval_step(model, params, mesh)
   loss_before = step.evaluate(eval_step, placed, eval_batches)
   del placed
@@ -159,18 +163,25 @@ def main(argv=None):
       answers = lora_example.answer(model, params, pretrained, questions, args.max_new_tokens)
       lora_example.print_answers("Answers before training:", questions, answers)
 
-  if primary and train_config.metrics_path.exists():
-    train_config.metrics_path.unlink()
   result = loop.fit(model, params, batches, eval_batches, train_config, mesh=mesh)
-  history = result.history
-  loss_after = history[-1]["eval_loss"]
   trained = distributed.fetch(result.params)
+  if result.history and "eval_loss" in result.history[-1]:
+    loss_after = result.history[-1]["eval_loss"]
+  else:
+    # A run resumed from its final checkpoint trains no step and evaluates nothing.
+    eval_step, placed = sharded_eval_step(model, trained, mesh)
+    loss_after = step.evaluate(eval_step, placed, eval_batches)
+    del placed
   del result
   summary = {"eval_loss_before": loss_before, "eval_loss_after": loss_after}
 
   if primary:
     print(f"held-out loss: {loss_before:.4f} before, {loss_after:.4f} after training")
-    lora_example.plot_losses(history, loss_before, output / "loss.png", title="Full fine-tuning")
+    # The metrics file holds every step of the run, resumed or not.
+    history = read_metrics(train_config.metrics_path)
+    plot.plot_losses(
+        history, output / "loss.png", eval_loss_before=loss_before, title="Full fine-tuning"
+    )
     if questions:
       answers = lora_example.answer(model, trained, pretrained, questions, args.max_new_tokens)
       lora_example.print_answers("Answers after training:", questions, answers)

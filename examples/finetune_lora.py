@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import pathlib
 import signal
 import sys
@@ -31,7 +30,7 @@ import numpy as np
 import jaxlora
 from jaxlora import models
 from jaxlora.models import smollm2
-from jaxlora.train import data, generate, loop, pydoc_qa, step
+from jaxlora.train import data, generate, loop, plot, pydoc_qa, step
 
 logger = logging.getLogger("finetune_lora")
 
@@ -191,26 +190,6 @@ def reload_with_transformers(folder: pathlib.Path, model, params, input_ids):
   return float(np.max(np.abs(actual - expected)))
 
 
-def plot_losses(history, loss_before: float, path: pathlib.Path, title: str = "LoRA fine-tuning"):
-  import matplotlib
-
-  matplotlib.use("Agg")
-  from matplotlib import pyplot
-
-  figure, axes = pyplot.subplots(figsize=(7, 4))
-  axes.plot([r["step"] for r in history], [r["loss"] for r in history], label="training loss")
-  evals = [{"step": 0, "eval_loss": loss_before}] + [r for r in history if "eval_loss" in r]
-  axes.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")
-  axes.set_title(title)
-  axes.set_xlabel("step")
-  axes.set_ylabel("cross entropy (nats per token)")
-  axes.legend()
-  axes.grid(alpha=0.3)
-  figure.tight_layout()
-  figure.savefig(path, dpi=100)
-  pyplot.close(figure)
-
-
 def print_answers(title, questions, replies):
   print(f"\n{title}")
   for question, reply in zip(questions, replies):
@@ -279,7 +258,6 @@ def main(argv=None):
   logger.info("%d training and %d held-out examples.", len(train_examples), len(eval_examples))
 
   params = jaxlora.apply(pretrained.params, lora_config, rng=jax.random.PRNGKey(args.seed))
-  jaxlora.print_trainable_parameters(params)
   model = models.Llama(pretrained.config, lora_dropout=lora_config.dropout)
 
   eval_step = step.make_eval_step(model)
@@ -297,7 +275,9 @@ def main(argv=None):
   if loss_after is None:
     loss_after = step.evaluate(eval_step, result.params, eval_batches)
   print(f"held-out loss: {loss_before:.4f} before, {loss_after:.4f} after training")
-  plot_losses(result.history, loss_before, output / "loss.png")
+  plot.plot_losses(
+      result.history, output / "loss.png", eval_loss_before=loss_before, title="LoRA fine-tuning"
+  )
 
   if questions:
     answers_after = answer(model, result.params, pretrained, questions, args.max_new_tokens)

@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import gguf

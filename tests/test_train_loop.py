@@ -3,6 +3,8 @@
 import dataclasses
 import itertools
 import json
+import os
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,8 @@ import jaxlora
 from jaxlora import paths
 from jaxlora import train
 from jaxlora.models import Llama, LlamaConfig, init_params
+from jaxlora.train import metrics
+from tensorboardX.proto import event_pb2
 
 # Every width differs: D=24, F=40, H*hd=32, K*hd=16, V=61, L=2, r=4.
 CONFIG = LlamaConfig(
@@ -53,6 +57,32 @@ def repetitive_batches(rows=4, padding=0):
 
 def quiet_config(**fields):
   return train.TrainConfig(progress=False, **fields)
+
+
+def read_events(path):
+  """Return the `Event` protos of a TensorBoard event file, in order.
+
+  The file is a sequence of TFRecords: a little-endian uint64 length, its
+  4-byte masked CRC, the serialised Event, and the Event's 4-byte CRC.
+  """
+  data = path.read_bytes()
+  events = []
+  offset = 0
+  while offset < len(data):
+    (length,) = struct.unpack_from("<Q", data, offset)
+    start = offset + 12
+    events.append(event_pb2.Event.FromString(data[start:start + length]))
+    offset = start + length + 4
+  return events
+
+
+def scalars(events):
+  """Return `{tag: {step: value}}` of the scalar summaries in `events`."""
+  out = {}
+  for event in events:
+    for value in event.summary.value:
+      out.setdefault(value.tag, {})[event.step] = value.simple_value
+  return out
 
 
 def test_fit_loss_falls(base_params):
@@ -114,6 +144,92 @@ def test_fit_metrics_file(base_params, tmp_path):
   assert [r["step"] for r in records if "eval_loss" in r] == [2, 4, 5]
   assert records[-1]["elapsed_s"] >= records[0]["elapsed_s"] > 0
   assert records[1]["lr"] > 0
+
+
+def test_fit_tensorboard_scalars(base_params, tmp_path):
+  params = jaxlora.apply(base_params, rank=4)
+  eval_batches = [next(repetitive_batches(rows=2))]
+  config = quiet_config(
+      steps=3, learning_rate=1e-2, eval_every=2, tensorboard_dir=tmp_path / "tensorboard"
+  )
+
+  result = train.fit(Llama(CONFIG), params, repetitive_batches(), eval_batches, config)
+
+  (event_file,) = (tmp_path / "tensorboard").iterdir()
+  found = scalars(read_events(event_file))
+  assert sorted(found) == sorted(metrics.TENSORBOARD_SCALARS)
+  for name in ("loss", "lr", "grad_norm", "tokens_per_s"):
+    expected = {record["step"]: np.float32(record[name]) for record in result.history}
+    assert found[name] == expected, name
+  assert found["eval_loss"] == {
+      record["step"]: np.float32(record["eval_loss"]) for record in result.history if "eval_loss" in record
+  }
+  assert sorted(found["eval_loss"]) == [2, 3]
+
+
+def test_tensorboard_writer_purge_step(tmp_path):
+  with metrics.TensorBoardWriter(tmp_path, purge_step=5) as board:
+    board.write({"step": 5, "loss": 2.5, "scored_tokens": 10.0})
+
+  (event_file,) = tmp_path.iterdir()
+  events = read_events(event_file)
+  starts = [event.step for event in events if event.HasField("session_log")]
+  assert starts == [5]
+  assert scalars(events) == {"loss": {5: 2.5}}
+
+
+def test_tensorboard_writer_none_discards(tmp_path):
+  with metrics.TensorBoardWriter(None) as board:
+    board.write({"step": 1, "loss": 2.5})
+  with pytest.raises(ValueError, match="is not open"):
+    metrics.TensorBoardWriter(tmp_path).write({"step": 1, "loss": 2.5})
+
+
+def write_lines(path, lines):
+  path.write_text("".join(line + "\n" for line in lines))
+
+
+def test_truncate_metrics_drops_later_steps(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  write_lines(path, [json.dumps({"step": step, "loss": 1.0 / step}) for step in range(1, 6)])
+
+  kept = metrics.truncate_metrics(path, 3)
+
+  assert kept == [{"step": step, "loss": 1.0 / step} for step in (1, 2, 3)]
+  assert train.read_metrics(path) == kept
+  assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
+
+
+def test_truncate_metrics_cut_last_line(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+
+  kept = metrics.truncate_metrics(path, 4)
+
+  assert kept == [{"step": 1, "loss": 2.0}]
+  assert path.read_text() == '{"step": 1, "loss": 2.0}\n'
+
+
+def test_truncate_metrics_unchanged_file(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  write_lines(path, ['{"step": 1, "loss": 2.0}', '{"step": 2, "loss": 1.5}'])
+  inode = path.stat().st_ino
+
+  assert [r["step"] for r in metrics.truncate_metrics(path, 2)] == [1, 2]
+  assert path.stat().st_ino == inode
+  assert metrics.truncate_metrics(tmp_path / "missing.jsonl", 2) == []
+  assert not (tmp_path / "missing.jsonl").exists()
+
+
+def test_truncate_metrics_bad_middle_line(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  write_lines(path, ['{"step": 1}', "not json", '{"step": 3}'])
+
+  with pytest.raises(ValueError, match="Line 2 of .* is not valid JSON"):
+    metrics.truncate_metrics(path, 1)
+  write_lines(path, ['{"step": 1}', '{"loss": 2.0}'])
+  with pytest.raises(ValueError, match="Line 2 of .* is not a metrics record with a step"):
+    metrics.truncate_metrics(path, 1)
 
 
 def test_fit_metrics_file_appends(base_params, tmp_path):
@@ -254,19 +370,6 @@ def test_fit_checkpoints(base_params, tmp_path):
   assert int(state[1][0].count) == 3
 
 
-def test_checkpoint_rejects_existing_step(base_params, tmp_path):
-  trainable = {"a": jnp.ones((2, 3))}
-  train.checkpoint.save(tmp_path, 5, trainable, {"count": jnp.zeros(())})
-  with pytest.raises(ValueError, match="step_00000005 already contains a checkpoint"):
-    train.checkpoint.save(tmp_path, 5, trainable, {"count": jnp.zeros(())})
-  with pytest.raises(ValueError, match="No checkpoint of step 4"):
-    train.checkpoint.restore(tmp_path, trainable=trainable, opt_state={"count": jnp.zeros(())}, step=4)
-  with pytest.raises(ValueError, match="contains no checkpoint"):
-    train.checkpoint.restore(tmp_path / "none", trainable=trainable, opt_state={})
-  with pytest.raises(ValueError, match="does not match the target trees"):
-    train.checkpoint.restore(tmp_path, trainable={"b": jnp.ones((2, 3))}, opt_state={"count": jnp.zeros(())})
-
-
 def test_fit_without_adapters_raises(base_params):
   with pytest.raises(ValueError, match="no LoRA adapters"):
     train.fit(
@@ -326,6 +429,8 @@ def test_fit_batches_run_out(base_params):
         ({"steps": 1, "mesh": {"model": 2}}, "Unknown mesh axis 'model'"),
         ({"steps": 1, "mesh": {"data": 0}}, "Mesh axis 'data' has size 0"),
         ({"steps": 1, "checkpoint_every": -1}, "checkpoint_every must be at least 0"),
+        ({"steps": 1, "keep_checkpoints": -1}, "keep_checkpoints must be at least 0, got -1"),
+        ({"steps": 1, "resume": "yes"}, "resume must be True or False, got 'yes'"),
     ],
 )
 def test_train_config_rejects(fields, message):

@@ -6,12 +6,13 @@ by sharding rules, trains the trainable half with AdamW on a warmup-cosine
 schedule, and returns the joined tree with a per-step history.
 """
 
-from jaxlora.train import checkpoint, distributed
+from jaxlora.train import checkpoint, distributed, resume, summary
 from jaxlora.train.loop import FitResult, TrainConfig, fit
 from jaxlora.train.mesh import AXES, make_mesh
-from jaxlora.train.metrics import MetricsWriter, read_metrics
+from jaxlora.train.metrics import MetricsWriter, TensorBoardWriter, read_metrics, truncate_metrics
 from jaxlora.train.optim import adamw, decay_mask, learning_rate_schedule
 from jaxlora.train.sharding import REPLICATED, ShardingRules, llama_rules, optimizer_shardings, place
+from jaxlora.train.summary import parameter_summary
 from jaxlora.train.step import (
     BATCH_KEYS,
     StepShardings,
@@ -30,6 +31,7 @@ __all__ = [
     "REPLICATED",
     "ShardingRules",
     "StepShardings",
+    "TensorBoardWriter",
     "TrainConfig",
     "adamw",
     "checkpoint",
@@ -43,8 +45,12 @@ __all__ = [
     "make_mesh",
     "make_train_step",
     "optimizer_shardings",
+    "parameter_summary",
     "place",
     "read_metrics",
+    "resume",
     "stack_micro_batches",
+    "summary",
     "token_cross_entropy",
+    "truncate_metrics",
 ]

@@ -185,6 +185,7 @@ def process_train_batches(
     *,
     batch_size: int,
     seed: int,
+    start_batch: int = 0,
 ) -> Iterator[data.Batch]:
   """Return this process's endless iterator of training rows, `[b, T]` batches.
 
@@ -194,6 +195,7 @@ def process_train_batches(
     mesh: the training mesh.
     batch_size: B, the global rows per batch; b = B / slot_count.
     seed: seed of the shuffling, the same on every process.
+    start_batch: batches to skip, to resume where a run stopped.
 
   Raises:
     ValueError: if B is not a multiple of the number of process blocks.
@@ -202,7 +204,8 @@ def process_train_batches(
   local = process_examples(examples, mesh)
   # Every process's rows join one global array, so all batches keep the full width.
   return data.train_batches(
-      local, batch_size=local_size, seed=seed, pad_to_multiple_of=None
+      local, batch_size=local_size, seed=seed, start_batch=start_batch,
+      pad_to_multiple_of=None,
   )
 
 

@@ -2,6 +2,7 @@
 
     params -> partition by mode -> (trainable, frozen)
       -> place both on the mesh by the sharding rules
+      -> restore trainable and the optimizer state from the latest checkpoint, if any
       -> steps update trainable; frozen is only read
       -> combine(trainable, frozen) -> params (trained, still on the mesh)
 
@@ -18,7 +19,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -31,10 +32,13 @@ import jaxlora
 from jaxlora import paths
 from jaxlora.models import llama
 from jaxlora.train import checkpoint
+from jaxlora.train import distributed
 from jaxlora.train import mesh as mesh_lib
+from jaxlora.train import metrics as metrics_lib
 from jaxlora.train import optim
+from jaxlora.train import resume as resume_lib
 from jaxlora.train import sharding as sharding_lib
-from jaxlora.train.metrics import MetricsWriter
+from jaxlora.train import summary
 from jaxlora.train.step import (
     Batch,
     StepShardings,
@@ -69,9 +73,12 @@ class TrainConfig:
       `grad_accum_steps` times the iterator's batch size.
     eval_every: measure the held-out loss every this many steps; 0 measures it
       only after the last step.
-    seed: seeds dropout.
+    seed: seeds dropout: step s uses `fold_in(PRNGKey(seed), s)`. A resumed
+      run keeps the key of its checkpoint.
     metrics_path: JSON Lines file that receives one record per step (appended
-      to); None writes no file.
+      to) from the primary process; None writes no file. When a run with
+      `checkpoint_dir` and `resume` starts, the records after its starting
+      step are dropped first, so the file reads as one run.
     b1: Adam's decay rate for the first moment.
     b2: Adam's decay rate for the second moment.
     eps: Adam's term added to the denominator.
@@ -91,8 +98,16 @@ class TrainConfig:
       keeps, such as "nothing_saveable" or "dots_with_no_batch_dims_saveable";
       None keeps the model's.
     checkpoint_dir: folder for orbax checkpoints of the trainable tree, the
-      optimizer state and the step (`train.checkpoint`); None saves none.
+      optimizer state, the data position and the run's description
+      (`train.resume`); None saves none. Frozen leaves are never saved.
     checkpoint_every: save every this many steps; 0 saves only after the last.
+    keep_checkpoints: keep the checkpoints of the last this many saves; 0
+      keeps all.
+    resume: continue from the latest checkpoint in `checkpoint_dir` if there
+      is one. With False, a `checkpoint_dir` that contains a checkpoint raises.
+    tensorboard_dir: folder for TensorBoard event files with the scalars
+      loss, lr, grad_norm, tokens_per_s and eval_loss, written by the primary
+      process; None writes none.
   """
 
   steps: int
@@ -117,6 +132,9 @@ class TrainConfig:
   remat_policy: str | None = None
   checkpoint_dir: str | os.PathLike | None = None
   checkpoint_every: int = 0
+  keep_checkpoints: int = 3
+  resume: bool = True
+  tensorboard_dir: str | os.PathLike | None = None
 
   def __post_init__(self):
     _check_int("steps", self.steps, minimum=1, fix="Train for at least one step.")
@@ -176,6 +194,12 @@ class TrainConfig:
         "checkpoint_every", self.checkpoint_every, minimum=0,
         fix="Use 0 to save only after the last step.",
     )
+    _check_int(
+        "keep_checkpoints", self.keep_checkpoints, minimum=0,
+        fix="Use 0 to keep every checkpoint.",
+    )
+    if not isinstance(self.resume, bool):
+      raise ValueError(f"resume must be True or False, got {self.resume!r}.")
 
 
 class FitResult(NamedTuple):
@@ -185,7 +209,9 @@ class FitResult(NamedTuple):
     params: the whole trained tree, `jaxlora.combine(trainable, frozen)`,
       placed on the mesh. Its frozen leaves hold the values passed in (cast
       to `frozen_dtype` when that is set).
-    history: one dict per step, the records written to `metrics_path`.
+    history: one dict per step, the records written to `metrics_path`. A
+      resumed run's history starts with the records of its earlier steps
+      read back from `metrics_path` (none when that is None).
     opt_state: the optimizer state after the last step, built for the
       trainable leaves only and placed like them.
   """
@@ -198,21 +224,31 @@ class FitResult(NamedTuple):
 def fit(
     model,
     params: Mapping[str, Any],
-    train_batches: Iterable[Batch],
+    train_batches: Iterable[Batch] | Callable[[int], Iterable[Batch]],
     eval_batches: Sequence[Batch] | None,
     config: TrainConfig,
     *,
     trainable_mask: Mapping[str, Any] | None = None,
     mesh: Mesh | None = None,
     rules: sharding_lib.ShardingRules | None = None,
+    lora_config: jaxlora.LoraConfig | None = None,
+    model_info: Mapping[str, Any] | None = None,
 ) -> FitResult:
   """Train the trainable leaves of `params` for `config.steps` optimizer steps.
 
-  Every check (mesh, sharding rules against the tree, first batch) runs
-  before anything is compiled. The trainable leaves are then copied onto the
-  mesh, so the caller's `params` stay valid although the step donates its
-  buffers. Frozen leaves are placed without a copy where they already sit
-  as their rule says, and are never written.
+  Every check (mesh, sharding rules against the tree, the checkpoint's run
+  description, first batch) runs before anything is compiled. The trainable
+  leaves are then copied onto the mesh, so the caller's `params` stay valid
+  although the step donates its buffers. Frozen leaves are placed without a
+  copy where they already sit as their rule says, and are never written.
+  A table of the parameters (`train.summary`) is logged once at the start.
+
+  With `config.checkpoint_dir`, a checkpoint is saved every
+  `config.checkpoint_every` steps and after the last (see `train.resume` for
+  its contents). If the folder contains a checkpoint and `config.resume` is set,
+  the run restores it and continues after its step with the same losses, bit
+  for bit on CPU, as a run that was never interrupted; a checkpoint at step
+  `config.steps` returns its tree without training.
 
   Each step's record contains `step`, `loss` (token-mean cross entropy of the
   step, in nats), `grad_norm` (before clipping), `lr` (the rate the update
@@ -234,8 +270,11 @@ def fit(
     params: the tree to train, for LoRA with adapters added by `jaxlora.apply`.
     train_batches: an iterable of this process's `[b, T]` batches (dicts with
       `input_ids`, `targets`, `loss_mask`, `attention_mask`) that yields at
-      least `config.steps * config.grad_accum_steps` batches. On one process
-      b is the batch size B; on several, the process's block of rows (see
+      least `config.steps * config.grad_accum_steps` batches, or a callable
+      `start_batch -> iterable` that yields the batches from number
+      `start_batch` on, such as `lambda start: train.data.train_batches(...,
+      start_batch=start)`; resuming requires a callable. On one process b is
+      the batch size B; on several, the process's block of rows (see
       `train.distributed.process_train_batches`).
     eval_batches: this process's held-out `[b, T]` batches, as many on every
       process, or None (or empty) for no evaluation.
@@ -246,6 +285,10 @@ def fit(
       devices. Passing both raises.
     rules: the sharding rules of `params`; by default `llama_rules` for a
       `jaxlora.models.Llama` and replication for any other model.
+    lora_config: the config the adapters were added with, stored in every
+      checkpoint; None for full fine-tuning.
+    model_info: a JSON-serialisable dict that describes the model, such as
+      its config dict, stored in every checkpoint.
 
   Returns:
     `FitResult(params, history, opt_state)`, placed on the mesh; use
@@ -255,18 +298,21 @@ def fit(
     ValueError: for any of these, before the first step unless noted:
       a mesh that does not fit the devices; a sharding rule that does not
       fit the tree or the mesh; a first batch whose rows the mesh cannot
-      split; a tree without adapters in "lora" mode; `train_batches` that
-      run out before the last step (at that step); a malformed batch.
+      split; a tree without adapters in "lora" mode; a checkpoint in
+      `config.checkpoint_dir` with `config.resume` False, past
+      `config.steps`, or saved with another mode, `lora_config`,
+      `model_info` or trainable tree (naming what differs); resuming with
+      `train_batches` that is not callable; `train_batches` that run out
+      before the last step (at that step); a malformed batch.
     FloatingPointError: if the loss or the gradient norm of a step is NaN or
-      infinite, naming the step.
+      infinite, or a parameter is when a checkpoint is due, naming the step.
+      No checkpoint of that step is written then.
   """
   mesh = _resolve_mesh(mesh, config)
   model = _configure_model(model, config, mesh)
   trainable_mask = _trainable_mask(params, config, trainable_mask)
   rules = _default_rules(model) if rules is None else rules
   shardings = rules.shardings(params, mesh)
-  count = jaxlora.count_parameters(params, trainable_mask=trainable_mask)
-  logger.info("%s", jaxlora.format_trainable_parameters(count))
 
   trainable, frozen = jaxlora.partition(params, trainable_mask=trainable_mask)
   trainable_shardings, frozen_shardings = jaxlora.partition(
@@ -274,10 +320,25 @@ def fit(
   )
   if config.frozen_dtype is not None:
     frozen = _cast_base(frozen, config.frozen_dtype)
+  logger.info(
+      "Parameters:\n%s",
+      summary.parameter_summary(
+          jaxlora.combine(trainable, frozen), trainable_mask=trainable_mask
+      ),
+  )
 
-  batches = iter(train_batches)
-  first_batch = _next_step_batch(batches, 1, config)
-  mesh_lib.check_batch_rows(mesh, first_batch["input_ids"].shape[1], name="first training batch")
+  run = resume_lib.describe_run(
+      mode=config.mode, lora_config=lora_config, model_info=model_info, trainable=trainable
+  )
+  start = resume_lib.find_start(
+      config.checkpoint_dir, run=run, base_rng=jax.random.PRNGKey(config.seed),
+      resume=config.resume, steps=config.steps,
+  )
+  first_step = start.step + 1
+  if first_step <= config.steps:
+    batches = resume_lib.open_batches(train_batches, start)
+    first_batch = _next_step_batch(batches, first_step, config)
+    mesh_lib.check_batch_rows(mesh, first_batch["input_ids"].shape[1], name="first training batch")
 
   schedule = optim.learning_rate_schedule(
       config.learning_rate,
@@ -301,36 +362,54 @@ def fit(
       opt_state=sharding_lib.optimizer_shardings(tx, trainable, trainable_shardings, mesh),
   )
   opt_state = jax.jit(tx.init, out_shardings=step_shardings.opt_state)(trainable)
+  if start.step:
+    _, trainable, opt_state = checkpoint.restore(
+        config.checkpoint_dir, trainable=trainable, opt_state=opt_state, step=start.step
+    )
   train_step = make_train_step(
       model, tx, grad_accum_steps=config.grad_accum_steps, schedule=schedule,
       shardings=step_shardings,
   )
   eval_step = make_eval_step(model, shardings=step_shardings)
   eval_batches = list(eval_batches or [])
-  base_rng = jax.random.PRNGKey(config.seed)
 
+  # A run with checkpoints that may resume rewrites its metrics after its
+  # starting step, 0 included, so that they read as one run.
+  continues = config.checkpoint_dir is not None and config.resume
   history = []
-  with MetricsWriter(config.metrics_path) as writer, _progress_bar(config) as bar:
-    start = last = time.perf_counter()
-    for step in range(1, config.steps + 1):
-      batch = first_batch if step == 1 else _next_step_batch(batches, step, config)
+  if continues and config.metrics_path is not None:
+    history = metrics_lib.truncate_metrics(
+        config.metrics_path, start.step, rewrite=distributed.is_primary()
+    )
+  if first_step > config.steps:
+    logger.info("The checkpoint of step %d ends the run; nothing left to train.", start.step)
+    return FitResult(jaxlora.combine(trainable, frozen), history, opt_state)
 
-      if step == 1:
+  consumed = start.batches
+  with contextlib.ExitStack() as stack:
+    writer, board = _open_writers(stack, config, purge_step=first_step if continues else None)
+    bar = stack.enter_context(_progress_bar(config, initial=start.step))
+    start_time = last = time.perf_counter()
+    for step in range(first_step, config.steps + 1):
+      batch = first_batch if step == first_step else _next_step_batch(batches, step, config)
+      consumed += config.grad_accum_steps
+
+      if step == first_step:
         logger.info("Compiling the training step.")
       trainable, opt_state, metrics = train_step(
-          trainable, frozen, opt_state, batch, jax.random.fold_in(base_rng, step)
+          trainable, frozen, opt_state, batch, jax.random.fold_in(start.rng, step)
       )
       # NOTE: reading the metrics waits for the step to finish, so the host
       # prepares the next batch only after the device is done with this one.
       metrics = {key: float(value) for key, value in jax.device_get(metrics).items()}
       now = time.perf_counter()
-      if step == 1:
+      if step == first_step:
         logger.info(
-            "Compiled and ran the first step in %.1f s; training for %d steps.",
+            "Compiled and ran the first step in %.1f s; training to step %d.",
             now - last, config.steps,
         )
       tokens_per_s = metrics["real_tokens"] / max(now - last, 1e-9)
-      record = _step_record(step, metrics, tokens_per_s, now - start)
+      record = _step_record(step, metrics, tokens_per_s, now - start_time)
 
       if _is_eval_step(step, config, eval_batches):
         logger.info("Evaluating held-out loss on %d batches at step %d.", len(eval_batches), step)
@@ -338,12 +417,19 @@ def fit(
             eval_step, jaxlora.combine(trainable, frozen), eval_batches
         )
         logger.info("Step %d: eval loss %.4f.", step, record["eval_loss"])
+      # The record goes out before the checkpoint, so that a run resumed from
+      # this step finds the step's record in the metrics file.
+      writer.write(record)
+      board.write(record)
+      history.append(record)
       if _is_checkpoint_step(step, config):
-        checkpoint.save(config.checkpoint_dir, step, trainable, opt_state)
+        resume_lib.save(
+            config.checkpoint_dir, step=step, batches=consumed, rng=start.rng, run=run,
+            trainable=trainable, opt_state=opt_state, keep=config.keep_checkpoints,
+            mesh=mesh,
+        )
       last = time.perf_counter()
 
-      writer.write(record)
-      history.append(record)
       bar.set_postfix(
           loss=f"{record['loss']:.4f}",
           lr=f"{record['lr']:.2e}",
@@ -353,8 +439,8 @@ def fit(
       bar.update(1)
 
   logger.info(
-      "Trained %d steps in %.1f s; final loss %.4f.",
-      config.steps, history[-1]["elapsed_s"], history[-1]["loss"],
+      "Trained steps %d to %d in %.1f s; final loss %.4f.",
+      first_step, config.steps, history[-1]["elapsed_s"], history[-1]["loss"],
   )
   return FitResult(jaxlora.combine(trainable, frozen), history, opt_state)
 
@@ -495,15 +581,29 @@ def _check_finite(metrics, step):
       )
 
 
+def _open_writers(stack, config, *, purge_step):
+  """Open the JSON Lines and TensorBoard writers on `stack`, which write on the primary process only."""
+  primary = distributed.is_primary()
+  writer = stack.enter_context(
+      metrics_lib.MetricsWriter(config.metrics_path if primary else None)
+  )
+  board = stack.enter_context(
+      metrics_lib.TensorBoardWriter(
+          config.tensorboard_dir if primary else None, purge_step=purge_step
+      )
+  )
+  return writer, board
+
+
 @contextlib.contextmanager
-def _progress_bar(config):
-  """Yield a tqdm bar over the steps; log lines print above it."""
+def _progress_bar(config, *, initial):
+  """Yield a tqdm bar over the steps, starting at `initial`; log lines print above it."""
   with contextlib.ExitStack() as stack:
     if config.progress:
       stack.enter_context(tqdm_logging.logging_redirect_tqdm())
     yield stack.enter_context(
         tqdm.tqdm(
-            total=config.steps, desc="training", unit="step",
+            total=config.steps, initial=initial, desc="training", unit="step",
             disable=not config.progress,
         )
     )
