@@ -6,7 +6,7 @@
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$root/.ci/setup-venv" "examples"
+bash "$root/.ci/setup-venv" ""
 
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 cd "$root"
