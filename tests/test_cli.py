@@ -136,7 +136,7 @@ def test_generate_bad_top_p_exits_2(trained, capsys):
   )
   assert status == 2
   assert err.startswith("error: ")
-  assert "top_p" in err
+  assert "--top-p" in err
 
 
 def test_export_merged_from_checkpoint(trained, tmp_path, capsys):
@@ -243,3 +243,22 @@ def test_interrupted_train_resumes(tmp_path, capsys):
   resumed = metrics.read_metrics(folder / "metrics.jsonl")
   assert [r["step"] for r in resumed] == list(range(1, 61))
   assert resumed[:summary["resumed_from"]] == interrupted[:summary["resumed_from"]]
+
+
+def test_export_out_under_a_file_exits_2_before_loading(tmp_path, capsys):
+  (tmp_path / "afile").write_text("x")
+  status, _, err = _run(
+      ["export", "--model", str(tmp_path / "absent"), "--out", str(tmp_path / "afile" / "out")],
+      capsys,
+  )
+  assert status == 2
+  assert "is not a folder" in err
+
+
+@pytest.mark.parametrize("flag, value", [("--temperature", "-1"), ("--top-p", "1.5")])
+def test_generate_checks_sampling_before_loading(flag, value, tmp_path, capsys):
+  status, _, err = _run(
+      ["generate", "--model", str(tmp_path / "absent"), "--prompt", "hi", flag, value], capsys
+  )
+  assert status == 2
+  assert flag in err

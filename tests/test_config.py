@@ -29,7 +29,7 @@ def test_lora_example_is_default():
   defaults = config_lib.RunConfig()
   assert config.model == defaults.model
   assert config.lora == defaults.lora
-  assert config.data == dataclasses.replace(defaults.data, eval_fraction=0.1)
+  assert config.data == defaults.data
   assert config.train == defaults.train
   assert config.output.prompts
 
@@ -267,3 +267,23 @@ def test_every_key_described():
   assert [key for key, _, _ in described] == config_lib.valid_keys()
   assert all(text for _, _, text in described)
   assert ("train.steps", 60, "optimizer steps.") in described
+
+
+def test_duplicate_key_raises(tmp_path):
+  problems = _problems(_write(tmp_path, "train:\n  steps: 5\n  steps: 7\n"))
+  assert "found the key 'steps' twice" in problems[0]
+  assert "line 3" in problems[0]
+
+
+def test_output_dir_under_a_file(tmp_path):
+  (tmp_path / "afile").write_text("x")
+  problems = _problems(_write(tmp_path, ""), [f"output.dir={tmp_path / 'afile' / 'run'}"])
+  assert any("output.dir" in p and "is a file" in p for p in problems)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_output_dir_not_writable(tmp_path):
+  locked = tmp_path / "locked"
+  locked.mkdir(mode=0o500)
+  problems = _problems(_write(tmp_path, ""), [f"output.dir={locked / 'run'}"])
+  assert any("is not writable" in p for p in problems)

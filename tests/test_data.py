@@ -271,7 +271,7 @@ def test_pair_missing_value_raises(smol, tmp_path):
   path = _write_table(tmp_path / "pairs.parquet", [
       {"prompt": "A?", "completion": " a."}, {"prompt": "B?", "completion": None},
   ])
-  with pytest.raises(ValueError, match=r"example 1: column 'completion' must contain a string, got None"):
+  with pytest.raises(ValueError, match=r"example 2: column 'completion' must contain a string, got None"):
     data.load_examples(path, smol, seq_len=32)
 
 
@@ -486,7 +486,7 @@ def test_error_no_example_columns(smol, tmp_path):
 
 def test_error_row_without_example(smol, tmp_path):
   path = _write_jsonl(tmp_path / "x.jsonl", [{"text": "fine"}, {"other": "b"}])
-  with pytest.raises(ValueError, match=r"example 1: column 'text' .*\['other'\]"):
+  with pytest.raises(ValueError, match=r"example 2: column 'text' .*\['other'\]"):
     data.load_examples(path, smol, seq_len=8)
 
 

@@ -255,6 +255,10 @@ def _generate(args):
 
   if args.max_new_tokens < 1:
     raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+  if not args.temperature >= 0:
+    raise ValueError(f"--temperature must be >= 0, got {args.temperature}; 0 is greedy.")
+  if not 0 < args.top_p <= 1:
+    raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}; 1 keeps every token.")
   trained = run.load_trained(args.model, adapter=args.adapter, dtype=args.dtype)
   model = models.build_model(trained.pretrained.config)
   replies = generate.generate(
@@ -278,6 +282,9 @@ def _export(args):
     raise ValueError("--format adapter needs --adapter or --checkpoint, the adapters to write.")
   if os.path.lexists(args.out) and not args.overwrite:
     raise ValueError(f"--out {args.out} already exists; pass --overwrite to replace it, or choose another folder.")
+  problem = config_lib.output_folder_problem(os.path.dirname(os.path.abspath(args.out)))
+  if problem:
+    raise ValueError(f"--out {args.out}: {problem}")
   trained = run.load_trained(args.model, adapter=args.adapter, checkpoint=args.checkpoint)
   if args.format == "merged":
     run.save_merged(

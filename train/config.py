@@ -294,6 +294,21 @@ class _Loader(yaml.SafeLoader):
   """
 
 
+def _construct_unique_mapping(loader, node, deep=False):
+  """Build a mapping like PyYAML does, refusing a key written twice."""
+  seen = set()
+  for key_node, _ in node.value:
+    key = loader.construct_object(key_node, deep=deep)
+    if isinstance(key, str) and key in seen:
+      raise yaml.constructor.ConstructorError(
+          "while reading a mapping", node.start_mark,
+          f"found the key {key!r} twice; keep one of them", key_node.start_mark,
+      )
+    seen.add(key)
+  return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.construct_mapping = _construct_unique_mapping
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
@@ -695,10 +710,34 @@ def _report_error(report, key, check, *args):
     report(key, str(error))
 
 
+def output_folder_problem(path: str | os.PathLike) -> str | None:
+  """Return why `path` cannot become a writable folder, or None if it can.
+
+  The folder itself may not exist yet; its nearest existing ancestor must be
+  a folder this process may write into.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if os.path.exists(path):
+    if not os.path.isdir(path):
+      return f"{path!r} exists and is not a folder; choose another path."
+    if not os.access(path, os.W_OK | os.X_OK):
+      return f"{path!r} is not writable; choose a folder you may write into."
+    return None
+  parent = os.path.dirname(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    return f"{path!r} cannot be created because {parent!r} is a file; choose another path."
+  if not os.access(parent, os.W_OK | os.X_OK):
+    return f"{path!r} cannot be created because {parent!r} is not writable; choose another path."
+  return None
+
+
 def _check_output(config, report):
   output = config.output
-  if os.path.exists(output.dir) and not os.path.isdir(output.dir):
-    report("output.dir", f"{output.dir!r} exists and is not a folder; choose another path.")
+  problem = output_folder_problem(output.dir)
+  if problem:
+    report("output.dir", problem)
   if output.export in ("adapter", "both") and config.train.mode == "full":
     report(
         "output.export",
@@ -726,3 +765,5 @@ def _check_compare(compare, report):
     report("compare.qa_items", f"must be at least 0, got {compare.qa_items}.")
   if not compare.output_dir:
     report("compare.output_dir", "is empty; give a folder such as 'compare'.")
+  elif problem := output_folder_problem(compare.output_dir):
+    report("compare.output_dir", problem)

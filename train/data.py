@@ -207,11 +207,11 @@ def tokenize_dataset(
 
   for index, row in enumerate(dataset):
     try:
-      pieces = encode_row(row, f"{source}, example {index}")
+      pieces = encode_row(row, f"{source}, example {index + 1}")
     except chat.UnalignedTurnError as error:
       counts["read"] += 1
       counts["dropped_unaligned"] += 1
-      first_unaligned = first_unaligned or f"example {index}: {error}"
+      first_unaligned = first_unaligned or f"example {index + 1}: {error}"
       continue
 
     for ids, scored in pieces:
