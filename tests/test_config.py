@@ -41,6 +41,14 @@ def test_full_example_loads():
   assert config.train.to_train_config().mode == "full"
 
 
+def test_compare_example_loads():
+  config = load_config(os.path.join(EXAMPLES, "smollm2_compare.yaml"))
+  lora = load_config(os.path.join(EXAMPLES, "smollm2_lora.yaml"))
+  assert config.model == lora.model and config.lora == lora.lora and config.data == lora.data
+  assert config.train.steps < lora.train.steps
+  assert len(config.compare.lora_learning_rates) == len(config.compare.full_learning_rates) == 3
+
+
 def test_empty_file_gives_defaults(tmp_path):
   assert load_config(_write(tmp_path, "")) == config_lib.RunConfig()
 

@@ -246,7 +246,9 @@ def _compare(args):
   config = config_lib.load_config(args.config, args.overrides)
   from jaxlora.train import compare  # pylint: disable=import-outside-toplevel
 
-  compare.main(config)
+  result = compare.main(config)
+  print("\n".join(result.verdict))
+  print(f"\nreport: {result.files['markdown']}")
 
 
 def _generate(args):
