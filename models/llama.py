@@ -258,16 +258,35 @@ class Attention(nn.Module):
     if cached_kv is not None:
       k_BSKd, v_BSKd = _write_columns(cached_kv, (k_BTKd, v_BTKd), cache_index, axis=1)
 
-    q_BTKGd = q_BTHd.reshape(batch, length, kv_heads, config.num_queries_per_kv, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGd, k_BSKd)
-    scores = scores.astype(jnp.float32) / math.sqrt(hd)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", weights, v_BSKd)
-
+    out = dot_product_attention(q_BTHd, k_BSKd, v_BSKd, mask, self.dtype)
     out = out.reshape(batch, length, heads * hd)
     o_proj = self._linear(config.hidden_size, "o_proj", config.attention_bias)
     return o_proj(out, deterministic), (k_BTKd, v_BTKd)
+
+
+def dot_product_attention(q_BTHd, k_BSKd, v_BSKd, mask, dtype):
+  """Compute grouped-query attention, each of K key heads serving H / K query heads.
+
+  Args:
+    q_BTHd: queries `[B, T, H, hd]`.
+    k_BSKd: keys `[B, S, K, hd]`, after the rotary embedding.
+    v_BSKd: values `[B, S, K, hd]`.
+    mask: `[B, 1, 1, T, S]` bool, True where a query attends to a key.
+    dtype: dtype of the attention weights and the output. The scores and
+      the softmax are float32.
+
+  Returns:
+    `[B, T, H, hd]` in `dtype`.
+  """
+  batch, length, heads, hd = q_BTHd.shape
+  kv_heads = k_BSKd.shape[2]
+  q_BTKGd = q_BTHd.reshape(batch, length, kv_heads, heads // kv_heads, hd)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGd, k_BSKd)
+  scores = scores.astype(jnp.float32) / math.sqrt(hd)
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", weights, v_BSKd)
+  return out.reshape(batch, length, heads, hd)
 
 
 ACTIVATION_FUNCTIONS = {
