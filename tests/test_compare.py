@@ -20,7 +20,7 @@ import tokenizers
 import transformers
 
 from conftest import TINY_LLAMA, build_hf_llama
-from jaxlora.train import compare, metrics
+from jaxlora.train import compare, compare_worker, metrics
 from jaxlora.train.config import config_from_dict
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -381,13 +381,13 @@ def test_pick_best_skips_failed():
 
 def test_median_tokens_per_s_skips_first():
   history = [{"tokens_per_s": 1.0}, {"tokens_per_s": 10.0}, {"tokens_per_s": 30.0}, {"tokens_per_s": 20.0}]
-  assert compare.median_tokens_per_s(history) == (20.0, "steps 2-4")
-  assert compare.median_tokens_per_s(history[:1]) == (1.0, "step 1, compilation included")
+  assert compare_worker.median_tokens_per_s(history) == (20.0, "steps 2-4")
+  assert compare_worker.median_tokens_per_s(history[:1]) == (1.0, "step 1, compilation included")
 
 
 def test_counting_batches_counts_real_tokens():
   batches = [{"attention_mask": np.array([[1, 1, 0], [1, 0, 0]])}] * 3
-  counter = compare.CountingBatches(batches)
+  counter = compare_worker.CountingBatches(batches)
   taken = [next(counter), next(counter)]
   assert len(taken) == 2
   assert counter.real_tokens == 6
@@ -397,11 +397,11 @@ def test_folder_bytes_counts_files(tmp_path):
   (tmp_path / "a.bin").write_bytes(b"x" * 10)
   (tmp_path / "sub").mkdir()
   (tmp_path / "sub" / "b.bin").write_bytes(b"y" * 7)
-  assert compare.folder_bytes(tmp_path) == (17, 2)
+  assert compare_worker.folder_bytes(tmp_path) == (17, 2)
 
 
 def test_peak_host_memory_positive():
-  peak, source = compare.peak_host_memory_mib()
+  peak, source = compare_worker.peak_host_memory_mib()
   assert peak > 0
   assert source in ("VmHWM", "ru_maxrss")
 
