@@ -313,6 +313,9 @@ def _sigterm_as_exit():
     yield
     return
 
+  # NOTE: the run stops without saving, so a resume trains again the steps
+  # after the last checkpoint. Saving here is unsafe while a step runs: the
+  # step has donated the trainable and optimizer buffers it was given.
   def exit_on_sigterm(signum, frame):
     del frame
     logger.warning("Received SIGTERM; stopping.")
