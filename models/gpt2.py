@@ -342,7 +342,7 @@ class Gpt2(nn.Module):
   dtype: jnp.dtype = jnp.float32
   lora_dropout: float = 0.0
   remat: bool = False
-  remat_policy: str = "nothing_saveable"
+  remat_policy: str = "dots_with_no_batch_dims_saveable"
   activation_sharding: jax.sharding.NamedSharding | None = None
 
   @nn.compact

@@ -19,6 +19,18 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # A Llama config whose sizes all differ, so that a transposed or swapped axis
 # cannot pass a test by coincidence: V=97, D=48, F=80, H=6, K=2, hd=12
 # (H * hd = 72 != D), L=3.
+# The smallest Llama the training tests use. Every width differs: D=24, F=40,
+# H*hd=32, K*hd=16, V=61, L=2 (and r=4 where the tests add adapters).
+SMALL_LLAMA = {
+    "vocab_size": 61,
+    "hidden_size": 24,
+    "intermediate_size": 40,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+}
+
 TINY_LLAMA = {
     "vocab_size": 97,
     "hidden_size": 48,

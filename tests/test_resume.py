@@ -24,18 +24,10 @@ from jaxlora.models import Llama, LlamaConfig, init_params
 from jaxlora.train import checkpoint
 
 import resume_worker  # pylint: disable=g-bad-import-order
+from conftest import SMALL_LLAMA  # pylint: disable=g-bad-import-order
 from test_train_loop import read_events  # pylint: disable=g-bad-import-order
 
-# Every width differs: D=24, F=40, H*hd=32, K*hd=16, V=61, L=2, r=4.
-CONFIG = LlamaConfig(
-    vocab_size=61,
-    hidden_size=24,
-    intermediate_size=40,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-)
+CONFIG = LlamaConfig(**SMALL_LLAMA)
 MODEL_INFO = CONFIG.to_hf()
 LORA = jaxlora.LoraConfig(
     rank=4,

@@ -13,16 +13,9 @@ from jaxlora import train
 from jaxlora.models import Llama, LlamaConfig, init_params
 from jaxlora.train import summary
 
-# Every width differs: D=24, F=40, H*hd=32, K*hd=16, V=61, L=2, r=4.
-CONFIG = LlamaConfig(
-    vocab_size=61,
-    hidden_size=24,
-    intermediate_size=40,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-)
+from conftest import SMALL_LLAMA  # pylint: disable=g-bad-import-order
+
+CONFIG = LlamaConfig(**SMALL_LLAMA)
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,9 @@ from jaxlora.models import Llama, LlamaConfig, init_params
 from jaxlora.train import metrics
 from tensorboardX.proto import event_pb2
 
-# Every width differs: D=24, F=40, H*hd=32, K*hd=16, V=61, L=2, r=4.
-CONFIG = LlamaConfig(
-    vocab_size=61,
-    hidden_size=24,
-    intermediate_size=40,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-)
+from conftest import SMALL_LLAMA  # pylint: disable=g-bad-import-order
+
+CONFIG = LlamaConfig(**SMALL_LLAMA)
 TOKENS = 16
 RECORD_FIELDS = {"step", "loss", "grad_norm", "lr", "scored_tokens", "tokens_per_s", "elapsed_s"}
 

@@ -183,9 +183,12 @@ class TrainSection:
       keeps the model's float32.
     frozen_dtype: "lora" mode: store the frozen base in this dtype; null
       keeps the loaded dtype.
-    remat: recompute each layer's activations in the backward pass.
+    remat: recompute each layer's activations in the backward pass, keeping
+      only what remat_policy names. On by default: on a CPU the step is as
+      fast or faster and its peak memory lower.
     remat_policy: the `jax.checkpoint_policies` name of what remat keeps;
-      null is "nothing_saveable".
+      null is "dots_with_no_batch_dims_saveable" (the outputs of the weight
+      products), and "nothing_saveable" keeps nothing.
     mesh: device mesh axis sizes, such as {data: 2, fsdp: -1}; null puts
       every device on fsdp.
   """
@@ -205,7 +208,7 @@ class TrainSection:
   resume: bool = True
   compute_dtype: Dtype | None = None
   frozen_dtype: Dtype | None = None
-  remat: bool = False
+  remat: bool = True
   remat_policy: str | None = None
   mesh: dict[str, int] | None = None
 
