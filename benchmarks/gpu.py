@@ -19,7 +19,7 @@ device's dense bfloat16 peak) and peak device memory (`memory_stats()`).
 
 jax needs CUDA support on the GPU machine, for example
 `pip install -U "jax[cuda12]"`. The parent process never initialises jax, so
-each case's process may take the device's memory; it lets jax's allocator
+each case's process may take the device's memory. It lets jax's allocator
 reserve 90% of it (`XLA_PYTHON_CLIENT_MEM_FRACTION`, 75% by default).
 
 NOTE: only `--smoke` has run so far. The batch sizes are estimates of what

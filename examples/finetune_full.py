@@ -177,7 +177,7 @@ def main(argv=None):
 
   if primary:
     print(f"held-out loss: {loss_before:.4f} before, {loss_after:.4f} after training")
-    # The metrics file holds every step of the run, resumed or not.
+    # The metrics file contains every step of the run, resumed or not.
     history = read_metrics(train_config.metrics_path)
     plot.plot_losses(
         history, output / "loss.png", eval_loss_before=loss_before, title="Full fine-tuning"

@@ -245,7 +245,7 @@ def test_interrupted_train_resumes(tmp_path, capsys):
   assert resumed[:summary["resumed_from"]] == interrupted[:summary["resumed_from"]]
 
 
-def test_export_out_under_a_file_exits_2_before_loading(tmp_path, capsys):
+def test_export_out_under_file(tmp_path, capsys):
   (tmp_path / "afile").write_text("x")
   status, _, err = _run(
       ["export", "--model", str(tmp_path / "absent"), "--out", str(tmp_path / "afile" / "out")],

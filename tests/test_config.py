@@ -44,7 +44,9 @@ def test_full_example_loads():
 def test_compare_example_loads():
   config = load_config(os.path.join(EXAMPLES, "smollm2_compare.yaml"))
   lora = load_config(os.path.join(EXAMPLES, "smollm2_lora.yaml"))
-  assert config.model == lora.model and config.lora == lora.lora and config.data == lora.data
+  assert config.model == lora.model
+  assert config.lora == lora.lora
+  assert config.data == lora.data
   assert config.train.steps < lora.train.steps
   assert len(config.compare.lora_learning_rates) == len(config.compare.full_learning_rates) == 3
 

@@ -191,7 +191,7 @@ def _baseline_worker(spec):
   evaluation = _Evaluation(spec, config)
   model = run.build_model(config, evaluation.pretrained)
   # NOTE: the untrained tree is not placed on the config's mesh, so these
-  # evaluations run on one device; a model that only fits sharded fails here.
+  # evaluations run on one device. A model that only fits sharded fails here.
   params = evaluation.pretrained.params
 
   result = {

@@ -642,8 +642,8 @@ def _check_lora(lora, report):
 
 
 def _check_train(train, report):
-  # Checked alone, every field other than steps gets a run long enough that
-  # no warmup length exceeds it; the joint check sees the real steps.
+  # Each field other than steps is checked alone against a run long enough
+  # for any warmup length. The joint check then uses the real steps.
   _check_fields_alone(
       "train", dataclasses.asdict(train), dataclasses.asdict(TrainSection()), report,
       lambda changes: loop.TrainConfig(**{"steps": 2**31 - 1, **changes}),

@@ -240,7 +240,7 @@ def fit(
   description, first batch) runs before anything is compiled. The trainable
   leaves are then copied onto the mesh, so the caller's `params` stay valid
   although the step donates its buffers. Frozen leaves are placed without a
-  copy where they already sit as their rule says, and are never written.
+  copy where they already sit as their rule specifies, and are never written.
   A table of the parameters (`train.summary`) is logged once at the start.
 
   With `config.checkpoint_dir`, a checkpoint is saved every
